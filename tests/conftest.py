@@ -17,3 +17,97 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    """The real SmolLM2 tokenizer (from the packaged asset), saved alone into a folder."""
+    from transformers import AutoTokenizer
+
+    from zoft import assets
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tok = AutoTokenizer.from_pretrained(assets.model_asset_path("smollm2-135m"))
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+def make_tiny_llama(folder, tokenizer_dir, *, tie=True, seed=0, hidden=32, layers=2):
+    """A 2-layer Llama with the real tokenizer, saved as an ordinary HF folder."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    """A small review file in the Rotten Tomatoes layout (text, label fresh/rotten)."""
+    import csv
+
+    good = ["a joy to watch", "brilliant and moving", "funny, warm, wise", "a triumph", "great fun"]
+    bad = ["a dull mess", "tedious and flat", "painfully unfunny", "a waste of time", "boring"]
+    path = tmp_path / "reviews.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for i in range(40):
+            w.writerow([good[i % 5] + f" #{i}", "fresh"])
+            w.writerow([bad[i % 5] + f" #{i}", "rotten"])
+    return str(path)
+
+
+def tiny_recipe(model_dir, data_path, out_dir, **sections):
+    """A recipe dict in the quickstart's shape, on a tiny model and small data."""
+    recipe = {
+        "model": {"name": model_dir},
+        "data": {
+            "train": data_path,
+            "format": "classification",
+            "template": "Review: {text}\nSentiment:",
+            "verbalizers": {"fresh": " great", "rotten": " terrible"},
+            "test_size": 0.2,
+            "max_length": 32,
+        },
+        "method": {"name": "mezo", "eps": 1e-3},
+        "train": {
+            "learning_rate": 1e-3,
+            "max_steps": 4,
+            "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8,
+            "logging_steps": 2,
+            "save_steps": 2,
+            "seed": 7,
+            "disable_tqdm": True,
+        },
+        "output": {"dir": str(out_dir)},
+        "evaluation": {"before": False, "after": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe

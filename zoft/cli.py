@@ -1,0 +1,62 @@
+"""``zoft`` command line: ``train``, ``validate``, ``replay``. Thin: parse, load the recipe, call run."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zoft.errors import ZoftError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zoft", description="Fine-tune Hugging Face language models when memory is the constraint."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "run a recipe: evaluate, train, evaluate, save"), ("validate", "check a recipe and print it resolved")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("recipe", help="recipe YAML file")
+        s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-6 train.max_steps=20")
+    r = sub.add_parser("replay", help="rebuild a zeroth-order run's model from its base model and trajectory")
+    r.add_argument("run_dir", help="the run's output folder (has recipe.yaml and trajectory.jsonl)")
+    r.add_argument("--out", required=True, help="folder for the rebuilt model")
+    return p
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_libraries()
+    try:
+        from zoft import config, run
+
+        if args.command == "validate":
+            recipe = config.load_recipe(args.recipe, args.overrides)
+            run.training_arguments(recipe)  # TrainingArguments checks its own keys too
+            print(config.recipe_to_yaml(recipe), end="")
+            print(f"zoft: {args.recipe} is valid", file=sys.stderr)
+        elif args.command == "train":
+            recipe = config.load_recipe(args.recipe, args.overrides)
+            run.train(recipe)
+        elif args.command == "replay":
+            n = run.replay(args.run_dir, args.out)
+            print(f"zoft: replayed {n} steps into {args.out}")
+    except ZoftError as e:
+        for line in str(e).splitlines():
+            print(f"zoft: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("zoft: interrupted; continue the run with output.resume=true", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

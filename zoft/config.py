@@ -1,0 +1,390 @@
+"""The recipe schema: one pydantic model per section, unknown keys rejected at every level.
+
+A recipe is a YAML file (loaded with ``yaml.safe_load``) plus optional dotted overrides from the
+command line (``train.learning_rate=1e-6``). Every problem becomes one line that names the key
+path and what was expected; :func:`load_recipe` raises :class:`~zoft.errors.RecipeError` with those
+lines and never lets a traceback reach the user.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from zoft.errors import RecipeError
+
+ZO_METHODS = ("mezo",)
+FO_METHODS = ("adamw", "sgd")
+METHODS = ZO_METHODS + FO_METHODS
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class ModelSection(Section):
+    name: str = Field(
+        description="What to fine-tune: a packaged asset name (smollm2-135m, minilm-l6), "
+        "a Hugging Face hub id, or a local model folder."
+    )
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="causal_lm (AutoModelForCausalLM) or sequence_classification."
+    )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Storage dtype of the weights. bfloat16 halves weight memory."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+    tokenizer: str | None = Field(None, description="Tokenizer name or folder; default: the model's.")
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped with a hub model. Off unless you trust the model."
+    )
+
+
+class DataSection(Section):
+    train: str = Field(
+        description="Training data: a packaged asset (rotten-tomatoes, shakespeare, chatterbot), "
+        "a local .jsonl/.json/.csv/.parquet/.txt file (optionally .gz/.bz2), or a hub data set name."
+    )
+    eval: str | None = Field(
+        None, description="Held-out data in the same forms; default: split test_size off the training data."
+    )
+    format: Literal["text", "prompt_completion", "chat", "classification"] = Field(
+        description="text: causal LM on a text column; prompt_completion: loss on the completion only; "
+        "chat: a messages column rendered with the tokenizer's chat template, loss on assistant turns; "
+        "classification: a prompt template + one verbalizer word per label (the MeZO setting)."
+    )
+    split: str = Field("train", description="Split to read from a hub data set.")
+    test_size: float = Field(0.1, gt=0, lt=1, description="Fraction held out when data.eval is not set.")
+    split_seed: int = Field(0, description="Seed of the held-out split (keeps evaluations comparable).")
+    max_length: int = Field(256, ge=8, description="Tokens per example; longer prompts are cut on the left.")
+    max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many held-out rows.")
+    text_column: str = "text"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    label_column: str = "label"
+    template: str | None = Field(
+        None,
+        description="classification: the prompt, with {column} fields, e.g. '{text} It was'. "
+        "The verbalizer word is scored right after it.",
+    )
+    verbalizers: dict[str, str] | None = Field(
+        None,
+        description="classification: label value -> word scored after the template, "
+        "e.g. {fresh: ' great', rotten: ' terrible'} (mind the leading space).",
+    )
+    packing: bool = Field(False, description="text: concatenate rows and cut into max_length blocks.")
+
+    @field_validator("verbalizers", mode="before")
+    @classmethod
+    def _stringify_labels(cls, v: Any) -> Any:
+        # YAML reads `0: terrible` with an int key; labels are compared as strings.
+        if isinstance(v, dict):
+            return {str(k): val for k, val in v.items()}
+        return v
+
+    @model_validator(mode="after")
+    def _classification_needs_words(self) -> DataSection:
+        if self.format == "classification":
+            if not self.verbalizers or len(self.verbalizers) < 2:
+                raise ValueError("format 'classification' needs data.verbalizers with at least two labels")
+        return self
+
+
+class MethodSection(Section):
+    name: Literal["mezo", "adamw", "sgd"] = Field(
+        "mezo",
+        description="mezo: zeroth-order SGD (two forwards, no backward, inference memory); "
+        "adamw / sgd: the standard first-order fine-tune through HF Trainer.",
+    )
+    eps: float = Field(1e-3, gt=0, description="ZO: perturbation scale of the two forwards.")
+    n_directions: int = Field(1, ge=1, le=64, description="ZO: random directions per step (n-SPSA).")
+    distribution: Literal["gaussian", "rademacher"] = Field(
+        "gaussian", description="ZO: law of z. rademacher (+-1) is cheaper to sample on CPU."
+    )
+    master_weights: Literal["auto", "fp32", "none"] = Field(
+        "auto",
+        description="ZO: keep an fp32 copy of trained parameters stored in bf16/fp16 so updates of "
+        "~1e-6 are not lost to rounding (auto: when the trained dtype is not fp32).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v: Any) -> Any:
+        return {"name": v} if isinstance(v, str) else v
+
+    @property
+    def is_zeroth_order(self) -> bool:
+        return self.name in ZO_METHODS
+
+
+class PeftSection(Section):
+    method: Literal["lora", "prefix_tuning"] = Field("lora", description="The peft adapter to train.")
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (off during ZO forwards anyway).")
+    target_modules: list[str] | str | None = Field(
+        None, description="Module names or 'all-linear'; default: peft's choice for the architecture."
+    )
+    num_virtual_tokens: int = Field(20, ge=1, description="prefix_tuning: prefix length.")
+
+
+def _training_argument_names() -> set[str]:
+    from transformers import TrainingArguments
+
+    return {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+
+
+# TrainingArguments keys that zoft sets from other sections (one source of truth per setting).
+_TRAIN_KEYS_OWNED_ELSEWHERE = {
+    "output_dir": "output.dir",
+    "overwrite_output_dir": "output.overwrite",
+    "resume_from_checkpoint": "output.resume",
+    "do_train": "the recipe itself",
+    "do_eval": "evaluation.before / evaluation.after",
+}
+
+
+class TrainSection(Section):
+    """Training keys, named as in ``transformers.TrainingArguments``.
+
+    The common keys are typed here; any other TrainingArguments field is accepted and validated by
+    TrainingArguments itself when the run is built.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    learning_rate: float = Field(1e-6, ge=0)
+    max_steps: int = Field(-1, description="Optimizer steps; -1 means num_train_epochs decides.")
+    num_train_epochs: float = Field(1.0, gt=0)
+    per_device_train_batch_size: int = Field(16, ge=1)
+    per_device_eval_batch_size: int = Field(32, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    lr_scheduler_type: str = "constant"
+    warmup_steps: float = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    seed: int = 42
+    logging_steps: float = Field(10, gt=0)
+    eval_strategy: Literal["no", "steps", "epoch"] = "no"
+    eval_steps: float | None = None
+    save_strategy: Literal["no", "steps", "epoch", "best"] = "steps"
+    save_steps: float = Field(500, gt=0)
+    save_total_limit: int | None = Field(2, ge=1)
+    report_to: str | list[str] = "none"
+    dataloader_num_workers: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _only_training_arguments(cls, values: Any) -> Any:
+        problems = train_key_problems(values)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return values
+
+    def training_arguments_kwargs(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+def train_key_problems(values: Any) -> list[str]:
+    """One message per key of the train section that is not a TrainingArguments field."""
+    if not isinstance(values, dict):
+        return []
+    known = _training_argument_names()
+    problems = []
+    for key in values:
+        if key in _TRAIN_KEYS_OWNED_ELSEWHERE:
+            problems.append(f"train.{key}: set by {_TRAIN_KEYS_OWNED_ELSEWHERE[key]}, not in train")
+        elif key not in known:
+            hint = difflib.get_close_matches(key, sorted(known), n=1)
+            suggestion = f"; did you mean 'train.{hint[0]}'?" if hint else ""
+            problems.append(f"train.{key}: unknown key (not a transformers.TrainingArguments field){suggestion}")
+    return problems
+
+
+class OutputSection(Section):
+    dir: str = Field("runs/zoft", description="Run folder: final model, checkpoints, metrics.json, trajectory.")
+    overwrite: bool = Field(False, description="Replace an existing, non-empty output.dir (deletes it).")
+    resume: bool | str = Field(
+        False, description="true: continue from the latest complete checkpoint in output.dir; or a checkpoint path."
+    )
+    save_model: bool = Field(True, description="Save the final model (an ordinary HF / peft checkpoint).")
+    save_trajectory: bool = Field(
+        True, description="ZO: log (step, seed, projected gradient, lr) to trajectory.jsonl for `zoft replay`."
+    )
+
+
+class EvaluationSection(Section):
+    before: bool = Field(True, description="Evaluate on the held-out split before training.")
+    after: bool = Field(True, description="Evaluate on the held-out split after training.")
+
+
+class ReservedSection(Section):
+    """A section reserved for a method family whose options are not available yet: any key is an error."""
+
+
+class Recipe(Section):
+    model: ModelSection
+    data: DataSection
+    method: MethodSection = Field(default_factory=MethodSection)
+    peft: PeftSection | None = None
+    train: TrainSection = Field(default_factory=TrainSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
+    memory: ReservedSection | None = None
+    offload: ReservedSection | None = None
+    privacy: ReservedSection | None = None
+    distributed: ReservedSection | None = None
+
+    @model_validator(mode="after")
+    def _combinations(self) -> Recipe:
+        if self.model.task == "sequence_classification" and self.data.format != "classification":
+            raise ValueError(
+                "model.task 'sequence_classification' needs data.format 'classification' (labels come from data.verbalizers)"
+            )
+        if self.peft is not None and self.peft.method == "prefix_tuning" and self.method.is_zeroth_order:
+            # peft's prefix tuning builds its past_key_values outside any module forward that owns the
+            # prefix parameters, which the ZO perturbation hooks rely on.
+            raise ValueError("peft.method 'prefix_tuning' is not supported with a zeroth-order method; use lora")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and error formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def _section_keys(model: type[BaseModel]) -> list[str]:
+    return list(model.model_fields)
+
+
+def _model_at(path: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in path:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        candidates = getattr(ann, "__args__", (ann,))
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+    return model
+
+
+def _format_error(err: dict) -> str:
+    # pydantic puts union-branch and validator tags into loc; keep only the recipe keys.
+    loc = tuple(p for p in err["loc"] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
+    path = ".".join(str(p) for p in loc) or "recipe"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        if parent is ReservedSection:
+            return f"{path}: unknown key; the '{loc[0]}' section has no options in this version of zoft"
+        options = _section_keys(parent) if parent else []
+        hint = difflib.get_close_matches(str(loc[-1]), options, n=1)
+        msg = f"{path}: unknown key"
+        if hint:
+            msg += f"; did you mean '{'.'.join(str(p) for p in loc[:-1] + (hint[0],))}'?"
+        if options:
+            msg += f" (expected one of: {', '.join(options)})"
+        return msg
+    if kind == "missing":
+        return f"{path}: required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    got = err.get("input")
+    if kind not in ("value_error", "model_type", "dict_type") and not isinstance(got, dict):
+        msg += f" (got {got!r})"
+    return f"{path}: {msg}"
+
+
+_TYPE_TAGS = {"str", "bool", "int", "float", "list", "dict", "none", "is-instance", "literal"}
+
+
+def validation_lines(exc: ValidationError, source: str) -> list[str]:
+    lines, seen = [], set()
+    for err in exc.errors(include_url=False):
+        line = _format_error(err)
+        key = line.split(":", 1)[0]
+        if key in seen:  # a union reports each branch; the first says enough
+            continue
+        seen.add(key)
+        lines.append(f"{source}: {line}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``a.b.c=value`` into (["a", "b", "c"], value); the value is read as YAML (typed)."""
+    if "=" not in text or text.startswith("="):
+        raise RecipeError([f"override '{text}': expected KEY.PATH=VALUE, e.g. train.learning_rate=1e-6"])
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None or isinstance(node.get(part), str) else node[part]
+                if isinstance(node[part], str):  # e.g. `method: mezo` then method.eps=...
+                    node[part] = {"name": node[part]}
+            if not isinstance(node[part], dict):
+                raise RecipeError([f"override '{text}': '{part}' is not a section"])
+            node = node[part]
+        node[path[-1]] = value
+    return raw
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: recipe file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise RecipeError([f"{path}{where}: not valid YAML: {problem}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{path}: a recipe is a mapping of sections (model, data, method, ...)"])
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe. Raises RecipeError with one line per problem."""
+    raw = read_recipe_file(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    return validate_recipe(raw, source=str(path))
+
+
+def validate_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    # Train keys are checked first so that each unknown one gets its own line.
+    key_lines = [f"{source}: {line}" for line in train_key_problems(raw.get("train"))]
+    if key_lines:
+        raw = dict(raw, train={k: v for k, v in raw["train"].items() if f"train.{k}:" not in " ".join(key_lines)})
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise RecipeError(key_lines + validation_lines(e, source)) from None
+    if key_lines:
+        raise RecipeError(key_lines)
+    return recipe
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

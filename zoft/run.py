@@ -1,0 +1,200 @@
+"""Recipe -> model, data, trainer -> evaluate, train, evaluate, save. The one place that wires parts."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+from zoft import checkpoints
+from zoft.config import Recipe, load_recipe, recipe_to_yaml
+from zoft.errors import ZoftError
+
+RECIPE_FILE = "recipe.yaml"
+METRICS_FILE = "metrics.json"
+TRAJECTORY_FILE = "trajectory.jsonl"
+
+
+def prepare_output_dir(recipe: Recipe) -> str | None:
+    """Create, refuse, replace or resume the run folder. Returns the checkpoint to resume from."""
+    out = Path(recipe.output.dir)
+    resume = recipe.output.resume
+    if isinstance(resume, str) and resume.lower() not in ("true", "false"):
+        ckpt = Path(resume)
+        if not (ckpt / checkpoints.MARKER).is_file():
+            raise ZoftError(f"output.resume: {resume} is not a complete zoft checkpoint (no {checkpoints.MARKER})")
+        return str(ckpt)
+    resume = resume is True or (isinstance(resume, str) and resume.lower() == "true")
+    non_empty = out.is_dir() and any(out.iterdir())
+    if resume:
+        ckpt = checkpoints.latest_complete_checkpoint(out)
+        if ckpt is None:
+            raise ZoftError(
+                f"output.resume: no complete checkpoint in {out} to resume from "
+                "(set train.save_steps so checkpoints are written, or drop output.resume)"
+            )
+        return str(ckpt)
+    if out.exists() and not out.is_dir():
+        raise ZoftError(f"output.dir: {out} is a file; choose a folder name")
+    if non_empty:
+        if not recipe.output.overwrite:
+            found = checkpoints.checkpoints(out)
+            what = f" (it has checkpoint-{found[-1][0]})" if found else ""
+            raise ZoftError(
+                f"output.dir: {out} already exists and is not empty{what}; continue it with "
+                "output.resume=true, replace it with output.overwrite=true, or choose another output.dir"
+            )
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def training_arguments(recipe: Recipe):
+    from transformers import TrainingArguments
+
+    kwargs = recipe.train.training_arguments_kwargs()
+    kwargs.update(output_dir=recipe.output.dir, remove_unused_columns=False)
+    if recipe.method.is_zeroth_order:
+        kwargs["max_grad_norm"] = 0.0  # no gradients to clip
+        kwargs.setdefault("include_num_input_tokens_seen", "no")
+    if recipe.method.name == "sgd":
+        kwargs.setdefault("optim", "sgd")
+    elif recipe.method.name == "adamw":
+        kwargs.setdefault("optim", "adamw_torch")
+    try:
+        return TrainingArguments(**kwargs)
+    except (ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ZoftError(f"train: {first[:400]}") from None
+
+
+def build_model_and_tokenizer(recipe: Recipe):
+    """The base model (+ peft adapter) exactly as a run builds it; ``zoft replay`` uses it too."""
+    from transformers import set_seed
+
+    from zoft.models import apply_peft, load_model, load_tokenizer
+
+    set_seed(recipe.train.seed)  # LoRA's random init must be the same in a run and its replay
+    m = recipe.model
+    tokenizer = load_tokenizer(m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    num_labels = len(recipe.data.verbalizers) if m.task == "sequence_classification" else None
+    model = load_model(
+        m.name,
+        task=m.task,
+        dtype=m.dtype,
+        revision=m.revision,
+        trust_remote_code=m.trust_remote_code,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if recipe.peft is not None:
+        model = apply_peft(model, recipe.peft, m.task)
+    return model, tokenizer
+
+
+def build_trainer(recipe: Recipe, *, resume: bool = False):
+    from zoft.data import build_datasets
+    from zoft.trainer import ZoftTrainer, classification_accuracy
+    from zoft.zo.mezo import MeZOConfig
+
+    args = training_arguments(recipe)
+    model, tokenizer = build_model_and_tokenizer(recipe)
+    data = build_datasets(recipe.data, tokenizer, recipe.model.task)
+    zo = None
+    if recipe.method.is_zeroth_order:
+        zo = MeZOConfig(
+            eps=recipe.method.eps,
+            n_directions=recipe.method.n_directions,
+            distribution=recipe.method.distribution,
+            master_weights=recipe.method.master_weights,
+        )
+    trajectory = None
+    if zo is not None and recipe.output.save_trajectory:
+        trajectory = str(Path(recipe.output.dir) / TRAJECTORY_FILE)
+    return ZoftTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        data_collator=data.collator,
+        processing_class=tokenizer,
+        compute_metrics=classification_accuracy if data.kind != "lm" else None,
+        zo=zo,
+        trajectory_path=trajectory,
+    )
+
+
+def _with_perplexity(metrics: dict) -> dict:
+    if "eval_loss" in metrics and "eval_accuracy" not in metrics:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
+    return {k: v for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a recipe end to end: evaluate before, train, evaluate after, save. Returns metrics."""
+    resume_from = prepare_output_dir(recipe)
+    out = Path(recipe.output.dir)
+    (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    trainer = build_trainer(recipe)
+    metrics_path = out / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text()) if (resume_from and metrics_path.is_file()) else {}
+
+    from zoft.models import count_parameters
+
+    trainable, total = count_parameters(trainer.model)
+    print(
+        f"zoft: {recipe.method.name} on {recipe.model.name}: {trainable:,} of {total:,} parameters trained; "
+        f"{len(trainer.train_dataset):,} training / {len(trainer.eval_dataset or []):,} held-out examples",
+        flush=True,
+    )
+    if recipe.evaluation.before and trainer.eval_dataset is not None and "before" not in metrics:
+        metrics["before"] = _with_perplexity(trainer.evaluate())
+        _write_json(metrics_path, metrics)
+        print(f"zoft: before training: {_summary(metrics['before'])}", flush=True)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    metrics["train"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if recipe.evaluation.after and trainer.eval_dataset is not None:
+        metrics["after"] = _with_perplexity(trainer.evaluate())
+        print(f"zoft: after training:  {_summary(metrics['after'])}", flush=True)
+    if recipe.output.save_model:
+        trainer.save_model(str(out))
+    _write_json(metrics_path, metrics)
+    print(f"zoft: saved to {out} (metrics in {metrics_path})", flush=True)
+    return metrics
+
+
+def _summary(m: dict) -> str:
+    keys = [k for k in ("eval_accuracy", "eval_loss", "eval_perplexity") if k in m]
+    return ", ".join(f"{k[5:]} {m[k]:.4f}" for k in keys)
+
+
+def replay(run_dir: str, out_dir: str) -> int:
+    """Rebuild a ZO run's final weights from its base model and trajectory; save them to ``out_dir``."""
+    from zoft.zo.perturb import ZOParameters
+    from zoft.zo.trajectory import read_trajectory, replay_updates
+
+    run = Path(run_dir)
+    if not (run / RECIPE_FILE).is_file():
+        raise ZoftError(f"{run}: not a zoft run folder (no {RECIPE_FILE})")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ZoftError(f"--out: {out} already exists and is not empty; choose another folder")
+    recipe = load_recipe(run / RECIPE_FILE)
+    header, records = read_trajectory(run / TRAJECTORY_FILE)
+    model, tokenizer = build_model_and_tokenizer(recipe)
+    zo = ZOParameters(
+        model, header["run_seed"], distribution=header["distribution"], master_weights=recipe.method.master_weights
+    )
+    n = replay_updates(zo, header, records)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return n

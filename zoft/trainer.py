@@ -1,0 +1,165 @@
+"""ZoftTrainer: HF ``Trainer`` with a zeroth-order step, without copying HF's training loop.
+
+Only public override points are used: ``training_step`` (the ZO step: perturbed forwards, no
+backward), ``create_optimizer`` (the ZO update sits in HF's optimizer slot, so schedulers,
+logging, checkpointing, gradient accumulation and ``resume_from_checkpoint`` work unchanged),
+``compute_loss`` / ``prediction_step`` (verbalizer classification) and ``evaluate`` /
+``save_model`` (pending updates are applied first). With ``zo=None`` it is HF's Trainer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Trainer
+
+from zoft.checkpoints import CompleteCheckpointMarker
+from zoft.losses import verbalizer_loss, verbalizer_scores
+from zoft.zo.estimate import spsa
+from zoft.zo.mezo import MeZOConfig, MeZOOptimizer
+from zoft.zo.perturb import ZOParameters
+from zoft.zo.trajectory import TrajectoryWriter, trajectory_header
+
+
+def classification_accuracy(eval_pred) -> dict[str, float]:
+    scores, labels = eval_pred.predictions, eval_pred.label_ids
+    if isinstance(scores, tuple):
+        scores = scores[0]
+    return {"accuracy": float((np.asarray(scores).argmax(-1) == np.asarray(labels)).mean())}
+
+
+class ZoftTrainer(Trainer):
+    """A drop-in ``transformers.Trainer`` that trains with MeZO when ``zo`` is given.
+
+    Args:
+        zo: zeroth-order settings (:class:`zoft.zo.mezo.MeZOConfig`); ``None`` for first-order.
+        trajectory_path: where to log (step, seed, projected gradient, lr); ``None`` to skip.
+        *args, **kwargs: as for ``transformers.Trainer``. Batches with ``cls_labels`` (from
+            :class:`zoft.data.collate.VerbalizerCollator`) are scored by verbalizer words.
+    """
+
+    def __init__(self, *args, zo: MeZOConfig | None = None, trajectory_path: str | None = None, **kwargs):
+        self.zo_config = zo
+        self.trajectory_path = trajectory_path
+        self._trajectory: TrajectoryWriter | None = None
+        self._zo_window: list[tuple[float, float, float]] = []
+        self.zo_params: ZOParameters | None = None
+        super().__init__(*args, **kwargs)
+        self.add_callback(CompleteCheckpointMarker())
+
+    # -- optimizer slot -------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        if self.zo_config is None:
+            return super().create_optimizer(model)
+        if self.optimizer is None:
+            cfg = self.zo_config
+            seed = self.args.seed if cfg.seed is None else cfg.seed
+            self.zo_params = ZOParameters(
+                self.model, seed, distribution=cfg.distribution, master_weights=cfg.master_weights
+            )
+            self.optimizer = MeZOOptimizer(
+                self.zo_params,
+                lr=self.args.learning_rate,
+                weight_decay=self.args.weight_decay,
+                n_directions=cfg.n_directions,
+                on_update=self._log_update,
+            )
+        return self.optimizer
+
+    @property
+    def zo_optimizer(self) -> MeZOOptimizer | None:
+        opt = self.optimizer
+        opt = getattr(opt, "optimizer", opt)  # accelerate wraps it
+        return opt if isinstance(opt, MeZOOptimizer) else None
+
+    # -- the ZO step ----------------------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.zo_config is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        inputs = self._prepare_inputs(inputs)
+        was_training = model.training
+        model.eval()  # dropout off: both forwards must see the same function
+        try:
+            estimates = spsa(
+                self.zo_params,
+                lambda: self.compute_loss(model, inputs),
+                step=self.state.global_step,
+                eps=self.zo_config.eps,
+                n_directions=self.zo_config.n_directions,
+            )
+        finally:
+            model.train(was_training)
+        weight = 1.0 / self.current_gradient_accumulation_steps
+        for e in estimates:
+            self.zo_optimizer.record(self.state.global_step, e, weight)
+            self._zo_window.append((e.projected_grad, e.loss_plus, e.loss_minus))
+        loss = sum((e.loss_plus + e.loss_minus) / 2 for e in estimates) / len(estimates)
+        return torch.tensor(loss * weight, device=self.args.device)
+
+    def _log_update(self, record: dict) -> None:
+        if self._trajectory is not None and self.is_world_process_zero():
+            self._trajectory.append(record)
+
+    # -- losses ---------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "cls_labels" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        scores = verbalizer_scores(model, inputs)
+        loss = verbalizer_loss(scores, inputs["cls_labels"])
+        return (loss, {"scores": scores}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if "cls_labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, out = self.compute_loss(model, inputs, return_outputs=True)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), out["scores"].detach(), inputs["cls_labels"]
+
+    # -- logging, evaluation, saving, resume -----------------------------------------------------
+
+    def log(self, logs, start_time=None):
+        if self._zo_window and "loss" in logs:
+            g, lp, lm = (float(np.mean(col)) for col in zip(*self._zo_window))
+            logs.update({"zo_projected_grad": g, "zo_loss_plus": lp, "zo_loss_minus": lm})
+            self._zo_window = []
+        super().log(logs, start_time)
+
+    def _flush_zo(self) -> None:
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.flush()
+
+    def evaluate(self, *args, **kwargs):
+        self._flush_zo()
+        return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        self._flush_zo()
+        super().save_model(output_dir, _internal_call)
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.zo_config is not None and self.trajectory_path and self.is_world_process_zero():
+            resume_step = None
+            if resume_from_checkpoint:
+                state = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())
+                resume_step = int(state["global_step"])
+            self.create_optimizer()
+            cfg = self.zo_config
+            header = trajectory_header(
+                self.zo_params, method="mezo", eps=cfg.eps, n_directions=cfg.n_directions
+            )
+            self._trajectory = TrajectoryWriter(self.trajectory_path, header, resume_step=resume_step)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            if self._trajectory is not None:
+                self._trajectory.close()
+                self._trajectory = None

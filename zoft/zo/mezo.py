@@ -1,0 +1,114 @@
+"""MeZO: zeroth-order SGD with in-place seeded perturbation, at inference memory.
+
+Paper: "Fine-Tuning Language Models with Just Forward Passes" (Malladi et al., NeurIPS 2023),
+https://arxiv.org/abs/2305.17333. Each step runs two forwards at theta +- eps z, forms the
+projected gradient g = (L+ - L-) / 2eps and updates theta -= lr (g z + wd theta) by regenerating z
+from its seed. Saves gradients, optimizer state and stored activations.
+
+The update lives in :class:`MeZOOptimizer`, an ordinary ``torch.optim.Optimizer`` placed in HF
+Trainer's optimizer slot, so HF's lr schedulers, logging, checkpointing and gradient-accumulation
+bookkeeping keep working unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from zoft.zo.estimate import DirectionEstimate
+from zoft.zo.perturb import ZOParameters
+
+
+@dataclass
+class MeZOConfig:
+    """Settings of a zeroth-order run (the recipe's ``method`` section, as plain values)."""
+
+    eps: float = 1e-3
+    n_directions: int = 1
+    distribution: str = "gaussian"
+    master_weights: str = "auto"
+    seed: int | None = None  # default: TrainingArguments.seed
+
+
+class MeZOOptimizer(torch.optim.Optimizer):
+    """ZO-SGD: applies ``theta -= lr * (mean_k g_k z_k + wd * theta)`` at ``step()``.
+
+    The trainer calls :meth:`record` once per micro-batch and direction (weight 1/accumulation
+    steps, so micro-batches that share a seed average their projected gradients); ``step()``
+    applies the pending update with the lr the scheduler set, then calls ``on_update`` (the
+    trajectory log) with the exact numbers used.
+    """
+
+    def __init__(
+        self,
+        zo: ZOParameters,
+        lr: float,
+        weight_decay: float = 0.0,
+        n_directions: int = 1,
+        on_update: Callable[[dict], None] | None = None,
+    ) -> None:
+        super().__init__(
+            [{"params": list(zo.params.values())}], {"lr": lr, "weight_decay": weight_decay}
+        )
+        self.zo = zo
+        self.n_directions = n_directions
+        self.on_update = on_update
+        self._pending_step: int | None = None
+        self._pending: dict[int, float] = {}
+        self._losses: dict[int, list[float]] = {}
+
+    def record(self, step: int, estimate: DirectionEstimate, weight: float = 1.0) -> None:
+        if self._pending_step is not None and step != self._pending_step:
+            raise RuntimeError(f"MeZO: a step-{self._pending_step} update is still pending at step {step}")
+        self._pending_step = step
+        k = estimate.direction
+        self._pending[k] = self._pending.get(k, 0.0) + weight * estimate.projected_grad
+        lp, lm = self._losses.setdefault(k, [0.0, 0.0])
+        self._losses[k] = [lp + weight * estimate.loss_plus, lm + weight * estimate.loss_minus]
+
+    @property
+    def has_pending(self) -> bool:
+        return self._pending_step is not None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer API
+        if self._pending_step is None:
+            return None
+        group = self.param_groups[0]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        coefficients = [(k, g / self.n_directions) for k, g in sorted(self._pending.items())]
+        self.zo.apply_update(self._pending_step, coefficients, lr, wd)
+        if self.on_update is not None:
+            self.on_update(
+                {
+                    "step": self._pending_step,
+                    "lr": lr,
+                    "weight_decay": wd,
+                    "coefficients": coefficients,
+                    "loss_plus": [self._losses[k][0] for k, _ in coefficients],
+                    "loss_minus": [self._losses[k][1] for k, _ in coefficients],
+                }
+            )
+        self._pending_step, self._pending, self._losses = None, {}, {}
+        return None
+
+    def flush(self) -> None:
+        """Apply any deferred update now (before evaluation and save). MeZO applies at step()."""
+        # A pending record here means step() was not reached (e.g. evaluation mid-accumulation);
+        # such partial accumulations are not applied, matching first-order gradient accumulation.
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # no gradients exist in ZO training
+        return None
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["zo_masters"] = self.zo.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict) -> None:
+        state_dict = dict(state_dict)
+        masters = state_dict.pop("zo_masters", {})
+        super().load_state_dict(state_dict)
+        self.zo.load_state_dict(masters)

@@ -1,0 +1,98 @@
+"""The trajectory of a zeroth-order run: one line per optimizer step, kilobytes for a whole run.
+
+Because every z derives from (run seed, step, direction, parameter name), the scalars
+``(step, lr, weight decay, per-direction coefficient)`` are all that is needed to rebuild the
+fine-tuned weights from the base model (:func:`replay_updates`), on the same device type and
+dtype exactly. The first line is a header describing the run; each later line is one step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+from zoft.errors import ZoftError
+from zoft.zo.perturb import ZOParameters
+
+FORMAT_VERSION = 1
+
+
+class TrajectoryWriter:
+    """Append-only JSON-lines log, flushed after every step so a killed run keeps its steps.
+
+    Args:
+        path: the ``trajectory.jsonl`` file.
+        header: run description, written when the file is new.
+        resume_step: when resuming from a checkpoint taken after ``resume_step`` steps, records of
+            later steps (written after that checkpoint by the interrupted run) are dropped.
+    """
+
+    def __init__(self, path: str | os.PathLike, header: dict, resume_step: int | None = None) -> None:
+        self.path = Path(path)
+        if self.path.exists() and resume_step is not None:
+            head, records = read_trajectory(self.path)
+            kept = [r for r in records if r["step"] < resume_step]
+            self._rewrite(head, kept)
+        else:
+            self._rewrite({"zoft_trajectory": FORMAT_VERSION, **header}, [])
+        self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the run
+
+    def _rewrite(self, header: dict, records: Iterable[dict]) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(header) + "\n")
+            for r in records:
+                fh.write(json.dumps(r) + "\n")
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_trajectory(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ZoftError(f"{path}: no trajectory file (the run was not zeroth-order, or output.save_trajectory was off)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        header = json.loads(lines[0])
+        records = [json.loads(line) for line in lines[1:] if line.strip()]
+    except (json.JSONDecodeError, IndexError) as e:
+        raise ZoftError(f"{path}: not a zoft trajectory ({e})") from None
+    if header.get("zoft_trajectory") != FORMAT_VERSION:
+        raise ZoftError(f"{path}: trajectory format {header.get('zoft_trajectory')!r} is not {FORMAT_VERSION}")
+    return header, records
+
+
+def replay_updates(zo: ZOParameters, header: dict, records: Iterable[dict]) -> int:
+    """Apply the logged updates to freshly loaded parameters; returns the number of steps applied."""
+    expected = header.get("trained", {})
+    actual = {n: list(p.shape) for n, p in zo.params.items()}
+    if expected and {n: s for n, (s, _) in expected.items()} != actual:
+        raise ZoftError(
+            "the rebuilt model's trained parameters differ from the run's (names or shapes); "
+            "replay needs the same model, adapter and zoft version as the run"
+        )
+    n = 0
+    for record in records:
+        coefficients = [(int(k), float(c)) for k, c in record["coefficients"]]
+        zo.apply_update(record["step"], coefficients, float(record["lr"]), float(record["weight_decay"]))
+        n += 1
+    return n
+
+
+def trajectory_header(zo: ZOParameters, **extra) -> dict:
+    return {
+        "run_seed": zo.run_seed,
+        "distribution": zo.distribution,
+        "master_weights": sorted(zo.masters),
+        "rng_device": str(next(iter(zo.params.values())).device.type),
+        "trained": {n: [list(p.shape), str(p.dtype)] for n, p in zo.params.items()},
+        **extra,
+    }
