@@ -75,11 +75,13 @@ def philox4x32(seed: int, counters: torch.Tensor, n_rounds: int = N_ROUNDS) -> t
         Four int64 tensors holding the uint32 output words.
     """
     seed = check_seed(seed)
-    k0, k1 = seed & _MASK32, seed >> 32
     c0 = counters & _MASK32
-    c1 = counters >> 32
-    c2 = torch.zeros_like(c0)
-    c3 = torch.zeros_like(c0)
+    zero = torch.zeros_like(c0)
+    return _philox_rounds(c0, counters >> 32, zero, zero.clone(), seed & _MASK32, seed >> 32, n_rounds)
+
+
+def _philox_rounds(c0, c1, c2, c3, k0: int, k1: int, n_rounds: int = N_ROUNDS) -> tuple[torch.Tensor, ...]:
+    """Philox4x32 rounds on counter words c0..c3 (uint32 in int64 tensors) with key (k0, k1)."""
     for _ in range(n_rounds):
         hi_b, lo_b = _mul_hi_lo(c2, _ROUND_B)
         hi_a, lo_a = _mul_hi_lo(c0, _ROUND_A)

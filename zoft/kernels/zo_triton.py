@@ -50,11 +50,12 @@ def _z_block(seed, c, j, RADEMACHER: tl.constexpr):
 def _store_cast(x, dtype: tl.constexpr):
     """fp32 -> storage dtype with round-to-nearest-even, identical on GPU and in the interpreter."""
     if dtype == tl.bfloat16:
-        # The interpreter truncates fp32->bf16 (GPUs round to nearest even), so round the bits
-        # here; the final cast of an exactly representable value is then the same everywhere.
+        # The interpreter truncates fp32->bf16 and mishandles subnormals (GPUs round to nearest
+        # even), so build the bf16 bits with integer ops: identical everywhere, and cheap.
         u = x.to(tl.uint32, bitcast=True)
-        r = ((u + (0x7FFF + ((u >> 16) & 1))) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        return tl.where(x != x, x, r).to(tl.bfloat16)
+        r = (u + (0x7FFF + ((u >> 16) & 1))) >> 16
+        r = tl.where(x != x, (u >> 16) | 0x40, r)  # NaN stays a quiet NaN of the same sign
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
 
