@@ -295,6 +295,8 @@ def _format_error(err: dict) -> str:
         return msg
     if kind == "missing":
         return f"{path}: required key is missing"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"{path}: expected a section (a mapping of keys), got {err.get('input')!r}"
     msg = err["msg"]
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
