@@ -94,7 +94,7 @@ class ZoftTrainer(Trainer):
             )
         finally:
             model.train(was_training)
-        weight = 1.0 / self.current_gradient_accumulation_steps
+        weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         for e in estimates:
             self.zo_optimizer.record(self.state.global_step, e, weight)
             self._zo_window.append((e.projected_grad, e.loss_plus, e.loss_minus))
