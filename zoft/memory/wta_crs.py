@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import re
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -57,7 +58,9 @@ __all__ = [
     "WTACRSLinearFunction",
     "apply_wta_crs",
     "remove_wta_crs",
+    "sample_rows",
     "sampling_probabilities",
+    "wta_crs_linear",
     "wta_crs_sample",
     "LLAMA_TARGET_MODULES",
 ]
@@ -164,31 +167,27 @@ def _rows_kept(ratio: float, n: int) -> int:
 
 
 class WTACRSLinearFunction(torch.autograd.Function):
-    """``y = x W^T + b`` exactly; backward gives the exact input gradient and the WTA-CRS weight gradient.
+    """``y = x W^T + b`` exactly; backward gives the exact input gradient and the sampled weight gradient.
 
-    Saved for backward: ``W`` (a parameter, no copy) and, when ``W`` needs a gradient, the kept input rows
-    (at most ``ceil(ratio * tokens)``), their int64 indices and float32 weights.
+    ``rows, idx, weights`` come from :func:`sample_rows` (``None`` for an exact weight gradient, which
+    keeps the whole input like ``F.linear``). Saved for backward: ``W`` (a parameter, no copy) and, when
+    ``W`` needs a gradient, the kept rows, their int64 indices and float32 weights. ``recorder``, if given,
+    receives the per-token output-gradient norms in backward (see :class:`GradNormCache`).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, ratio, grad_norm_hint, recorder, generator):
+    def forward(ctx, x, weight, bias, rows, idx, weights, recorder):
         out = F.linear(x, weight, bias)
         ctx.x_shape = x.shape
         ctx.has_bias = bias is not None
         ctx.recorder = recorder
-        ctx.exact = False
-        if ctx.needs_input_grad[1]:
-            x2d = x.reshape(-1, x.shape[-1])
-            k = _rows_kept(ratio, x2d.shape[0])
-            if k >= x2d.shape[0]:
-                ctx.exact = True
-                ctx.save_for_backward(weight, x)
-            else:
-                probs = sampling_probabilities(x2d, grad_norm_hint)
-                idx, w = wta_crs_sample(probs, k, generator=generator)
-                ctx.save_for_backward(weight, x2d[idx], idx, w)
-        else:
+        ctx.exact = rows is None
+        if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(weight)
+        elif ctx.exact:
+            ctx.save_for_backward(weight, x)
+        else:
+            ctx.save_for_backward(weight, rows, idx, weights)
         return out
 
     @staticmethod
@@ -211,6 +210,75 @@ class WTACRSLinearFunction(torch.autograd.Function):
         if ctx.recorder is not None:
             ctx.recorder(torch.linalg.vector_norm(g2d, dim=1, dtype=torch.float32))
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+@torch.no_grad()
+def sample_rows(
+    x: torch.Tensor,
+    ratio: float,
+    grad_norm: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The WTA-CRS sample of the rows (tokens) of ``x`` kept for the weight gradient.
+
+    Args:
+        x: layer input ``(..., d_in)``; all leading dimensions are flattened into tokens.
+        ratio: fraction of tokens kept, in (0, 1].
+        grad_norm: optional ``(tokens,)`` forward-time estimate of the output-gradient norms.
+        generator: optional RNG.
+
+    Returns:
+        ``(rows, idx, weights)`` with ``rows = x2d[idx]``, or ``None`` when every row is kept (exact).
+    """
+    x2d = x.reshape(-1, x.shape[-1])
+    k = _rows_kept(ratio, x2d.shape[0])
+    if k >= x2d.shape[0]:
+        return None
+    idx, w = wta_crs_sample(sampling_probabilities(x2d, grad_norm), k, generator=generator)
+    return x2d.index_select(0, idx), idx, w
+
+
+def wta_crs_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    ratio: float,
+    *,
+    grad_norm: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Functional form: ``F.linear`` whose weight gradient is the WTA-CRS estimate at ``ratio``.
+
+    Raises:
+        ZoftError: if ``ratio`` is outside (0, 1].
+    """
+    ratio = _check_ratio(ratio)
+    sample = sample_rows(x, ratio, grad_norm, generator) if weight.requires_grad else None
+    rows, idx, w = sample if sample is not None else (None, None, None)
+    return WTACRSLinearFunction.apply(x, weight, bias, rows, idx, w, None)
+
+
+class _SampleMemo:
+    """Reuses one row sample for consecutive layers that read the very same input tensor.
+
+    q/k/v (and gate/up) all read one normalised hidden state; sampling it once means the kept rows are
+    stored once for the group instead of once per layer. Only weak references are held: the sample lives
+    as long as the autograd graph that saved it.
+    """
+
+    def __init__(self):
+        self._key: tuple | None = None
+        self._refs: list[weakref.ref] = []
+
+    def get(self, x: torch.Tensor, ratio: float):
+        if self._key is None or self._key[0]() is not x or self._key[1:] != (x._version, ratio):
+            return None
+        tensors = [r() for r in self._refs]
+        return None if any(t is None for t in tensors) else tuple(tensors)
+
+    def put(self, x: torch.Tensor, ratio: float, sample) -> None:
+        self._key = (weakref.ref(x), x._version, ratio)
+        self._refs = [weakref.ref(t) for t in sample]
 
 
 class GradNormCache:
@@ -282,6 +350,8 @@ class WTACRSLinear(nn.Module):
         grad_norm_cache: optional :class:`GradNormCache` (forward-time gradient-norm estimate).
         name: the module's name, the key under which ``grad_norm_cache`` stores its norms.
         generator: optional RNG for the sampling.
+        sample_memo: shared by the layers of one :func:`apply_wta_crs` call, so layers reading the same
+            input tensor (q/k/v) store one sample of it; ``None`` samples independently.
 
     Raises:
         ZoftError: if ``ratio`` is outside (0, 1].
@@ -294,6 +364,7 @@ class WTACRSLinear(nn.Module):
         grad_norm_cache: GradNormCache | None = None,
         name: str = "",
         generator: torch.Generator | None = None,
+        sample_memo: _SampleMemo | None = None,
     ):
         super().__init__()
         self.ratio = _check_ratio(ratio)
@@ -307,6 +378,7 @@ class WTACRSLinear(nn.Module):
         self.grad_norm_cache = grad_norm_cache
         self.name = name
         self.generator = generator
+        self.sample_memo = sample_memo
         # A tuple keeps the original module out of the module tree (no duplicate state_dict keys).
         self._original = (linear,)
 
@@ -323,13 +395,19 @@ class WTACRSLinear(nn.Module):
             or not self.weight.requires_grad
         ):
             return F.linear(x, self.weight, self.bias)
-        hint = recorder = None
+        recorder = None
         if self.grad_norm_cache is not None:
-            hint = self.grad_norm_cache.lookup(self.name, x.shape)
             recorder = self.grad_norm_cache.recorder(self.name, x.shape)
-        return WTACRSLinearFunction.apply(
-            x, self.weight, self.bias, self.ratio, hint, recorder, self.generator
-        )
+        sample = self.sample_memo.get(x, self.ratio) if self.sample_memo is not None else None
+        if sample is None:
+            hint = (
+                self.grad_norm_cache.lookup(self.name, x.shape) if self.grad_norm_cache is not None else None
+            )
+            sample = sample_rows(x, self.ratio, hint, self.generator)
+            if sample is not None and self.sample_memo is not None:
+                self.sample_memo.put(x, self.ratio, sample)
+        rows, idx, w = sample if sample is not None else (None, None, None)
+        return WTACRSLinearFunction.apply(x, self.weight, self.bias, rows, idx, w, recorder)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, ratio={self.ratio}"
@@ -442,10 +520,12 @@ def apply_wta_crs(
             f"WTA-CRS target_modules {target_modules!r} match {len(matched)} layers (e.g. {matched[0]!r}) but none has a "
             "trainable weight, so there is no activation to save; unfreeze them or apply after get_peft_model"
         )
+    memo = _SampleMemo()
     for name, linear in plan:
-        _set_submodule(
-            model, name, WTACRSLinear(linear, ratio, grad_norm_cache, name=name, generator=generator)
+        wrapped = WTACRSLinear(
+            linear, ratio, grad_norm_cache, name=name, generator=generator, sample_memo=memo
         )
+        _set_submodule(model, name, wrapped)
     return [name for name, _ in plan]
 
 
