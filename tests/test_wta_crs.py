@@ -148,7 +148,9 @@ def test_forward_output_input_gradient_and_bias_gradient_are_exact():
     y = layer(x)
     assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
     gx, gw, gb = torch.autograd.grad(y, (x, lin.weight, lin.bias), grad_y)
-    ref_x, ref_w, ref_b = torch.autograd.grad(F.linear(x, lin.weight, lin.bias), (x, lin.weight, lin.bias), grad_y)
+    ref_x, ref_w, ref_b = torch.autograd.grad(
+        F.linear(x, lin.weight, lin.bias), (x, lin.weight, lin.bias), grad_y
+    )
     torch.testing.assert_close(gx, ref_x, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(gb, ref_b, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(gw, ref_w)  # the weight gradient is the sampled estimate
