@@ -13,6 +13,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from zoft.errors import ZoftError
 from zoft.memory.wta_crs import (
+    LLAMA_EAGER_TARGET_MODULES,
     LLAMA_TARGET_MODULES,
     GradNormCache,
     WTACRSLinear,
@@ -68,17 +69,17 @@ def saved_activation_bytes(fn, params):
 def test_weight_gradient_is_unbiased_error_shrinks_as_one_over_sqrt_samples():
     torch.manual_seed(0)
     x, grad_y, exact = skewed_problem()
-    grads = sampled_weight_grads(x, grad_y, 0.25, 3000)
+    grads = sampled_weight_grads(x, grad_y, 0.25, 2000)
     # Per-sample total variance; for an unbiased estimator E||mean_S - exact||^2 = var / S.
     var = ((grads - exact) ** 2).sum(dim=(1, 2)).mean()
     errors = {}
-    for s in (100, 400, 1600, 3000):
+    for s in (100, 400, 1600, 2000):
         err = (grads[:s].mean(0) - exact).norm() / exact.norm()
         bound = 3.5 * math.sqrt(var / s) / exact.norm()
         assert err <= bound, (s, float(err), float(bound))
         errors[s] = float(err)
-    assert errors[3000] < 0.03
-    assert errors[3000] < errors[100] / 2
+    assert errors[2000] < 0.03
+    assert errors[2000] < errors[100] / 2
 
 
 def test_unbiasedness_check_catches_a_missing_reweighting():
@@ -243,7 +244,7 @@ def test_apply_on_llama_full_fine_tuning():
     keys = list(model.state_dict())
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     names = apply_wta_crs(model, 0.3, LLAMA_TARGET_MODULES)
-    assert len(names) == 2 * 7 and "model.layers.1.mlp.down_proj" in names
+    assert len(names) == 2 * 6 and "model.layers.1.mlp.down_proj" in names
     assert list(model.state_dict()) == keys
     out, ref_out = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
     assert torch.equal(out.logits, ref_out.logits)
@@ -286,13 +287,13 @@ def test_apply_on_peft_lora_wraps_lora_A_only():
 
     model = tiny_llama()
     # init_lora_weights=False: a nonzero B, so the adapters change the output and receive real gradients.
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGET_MODULES, init_lora_weights=False)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_EAGER_TARGET_MODULES, init_lora_weights=False)
     pm = get_peft_model(model, cfg).train()
     ref = copy.deepcopy(pm)
     adapter_keys = list(get_peft_model_state_dict(pm))
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
     names = apply_wta_crs(pm, 0.3, LLAMA_TARGET_MODULES)
-    assert len(names) == 14 and all(n.endswith(".lora_A.default") for n in names)
+    assert len(names) == 12 and all(n.endswith(".lora_A.default") for n in names)
     layer = pm.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
     assert type(layer.base_layer) is nn.Linear and isinstance(layer.lora_A["default"], WTACRSLinear)
     assert list(get_peft_model_state_dict(pm)) == adapter_keys

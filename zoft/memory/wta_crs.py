@@ -30,13 +30,13 @@ is always sampled so the estimate never drops the tail.
 
 Which modules are worth replacing
 ---------------------------------
-Memory is freed only when *no other op* keeps the same input tensor. See ``docs/wta_crs.md``; for HF Llama
-(full fine-tuning): ``q_proj, k_proj, v_proj`` only together (they share the attention-norm output),
-``gate_proj, up_proj`` only together (they share the MLP-norm output), ``o_proj`` and ``down_proj`` alone
-(their inputs are fresh tensors: the re-laid-out attention output and ``act(gate) * up``). ``lm_head`` saves
-little (one hidden-size row per token next to the vocabulary-size logits). With peft LoRA the frozen base
-layer stores no input at all; the adapter's ``lora_A`` stores the full input, so ``lora_A`` is what gets
-wrapped (``lora_B``'s input has only ``r`` features and is left alone).
+Memory is freed only when *no other op* keeps the same input tensor (details and measurements in
+``docs/wta_crs.md``). HF Llama: ``q_proj, k_proj, v_proj`` only together (they share the attention-norm
+output; layers of one :func:`apply_wta_crs` call share one sample of a shared input), ``gate_proj,
+up_proj`` only together, ``down_proj`` alone (its input ``act(gate) * up`` is a fresh FFN-width tensor).
+``o_proj`` only with eager attention: SDPA keeps its own output, which is ``o_proj``'s input. With peft
+LoRA the frozen base layer stores no input at all; the adapter's ``lora_A`` stores the full input, so
+``lora_A`` is what gets wrapped (``lora_B``'s input has only ``r`` features and is left alone).
 """
 
 from __future__ import annotations
@@ -63,18 +63,14 @@ __all__ = [
     "wta_crs_linear",
     "wta_crs_sample",
     "LLAMA_TARGET_MODULES",
+    "LLAMA_EAGER_TARGET_MODULES",
 ]
 
-#: The HF Llama projections worth replacing, in the groups that must be replaced together (see docs).
-LLAMA_TARGET_MODULES: list[str] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-]
+#: HF Llama projections worth replacing with SDPA attention (the default); the groups q/k/v and gate/up
+#: must be replaced together.
+LLAMA_TARGET_MODULES: list[str] = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+#: With ``attn_implementation="eager"`` o_proj's input is a fresh tensor, so o_proj is worth it too.
+LLAMA_EAGER_TARGET_MODULES: list[str] = LLAMA_TARGET_MODULES + ["o_proj"]
 
 # A cached gradient norm is floored at this fraction of the mean, so p_i > 0 wherever x_i != 0.
 _GRAD_NORM_FLOOR = 1e-2
