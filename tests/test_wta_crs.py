@@ -383,3 +383,16 @@ def test_frozen_targets_and_double_application_are_refused():
     apply_wta_crs(model, 0.3, ["q_proj"])
     with pytest.raises(ZoftError, match="already uses WTA-CRS"):
         apply_wta_crs(model, 0.3, ["q_proj"])
+
+
+def test_autocast_bf16_matches_plain_linear_forward_and_gives_fp32_weight_grads():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    layer = WTACRSLinear(lin, 0.3).train()
+    x = torch.randn(4, 20, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = F.linear(x, lin.weight, lin.bias)
+    assert torch.equal(y, ref)
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()

@@ -196,11 +196,11 @@ class WTACRSLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             if ctx.exact:
                 x = ctx.saved_tensors[1]
-                grad_w = g2d.t().matmul(x.reshape(-1, x.shape[-1]))
+                grad_w = g2d.t().matmul(x.reshape(-1, x.shape[-1]).to(g2d.dtype))
             else:
                 rows, idx, w = ctx.saved_tensors[1:]
                 g_sel = g2d.index_select(0, idx) * w.to(g2d.dtype).unsqueeze(1)
-                grad_w = g_sel.t().matmul(rows)
+                grad_w = g_sel.t().matmul(rows.to(g_sel.dtype))  # autocast: rows may be fp32
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2d.sum(0)
         if ctx.recorder is not None:
