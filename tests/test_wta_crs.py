@@ -1,0 +1,398 @@
+"""WTA-CRS (zoft.memory.wta_crs) against the exact product, plain column-row sampling and plain-torch models."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from zoft.errors import ZoftError
+from zoft.memory.wta_crs import (
+    LLAMA_EAGER_TARGET_MODULES,
+    LLAMA_TARGET_MODULES,
+    GradNormCache,
+    WTACRSLinear,
+    apply_wta_crs,
+    remove_wta_crs,
+    sampling_probabilities,
+    wta_crs_linear,
+    wta_crs_sample,
+)
+
+torch.set_num_threads(1)
+
+
+def skewed_problem(n=64, d=16, o=8, seed=0):
+    """Inputs whose row norms span two orders of magnitude, as activations of LMs do (outlier tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.ones(n)
+    scale[:4] = 30.0
+    scale[4:12] = 5.0
+    x = torch.randn(n, d, generator=g) * scale[:, None]
+    grad_y = torch.randn(n, o, generator=g)
+    return x, grad_y, grad_y.t() @ x
+
+
+def sampled_weight_grads(x, grad_y, ratio, samples, **kw):
+    w = torch.zeros(grad_y.shape[1], x.shape[1], requires_grad=True)
+    out = []
+    for _ in range(samples):
+        y = wta_crs_linear(x, w, None, ratio, **kw)
+        out.append(torch.autograd.grad(y, w, grad_y)[0])
+    return torch.stack(out)
+
+
+def saved_activation_bytes(fn, params):
+    """Bytes of the distinct storages the autograd graph of ``fn()`` keeps, parameters excluded."""
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in skip:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(storages.values()), out
+
+
+# ---------------------------------------------------------------- (a) unbiasedness
+
+
+def test_weight_gradient_is_unbiased_error_shrinks_as_one_over_sqrt_samples():
+    torch.manual_seed(0)
+    x, grad_y, exact = skewed_problem()
+    grads = sampled_weight_grads(x, grad_y, 0.25, 2000)
+    # Per-sample total variance; for an unbiased estimator E||mean_S - exact||^2 = var / S.
+    var = ((grads - exact) ** 2).sum(dim=(1, 2)).mean()
+    errors = {}
+    for s in (100, 400, 1600, 2000):
+        err = (grads[:s].mean(0) - exact).norm() / exact.norm()
+        bound = 3.5 * math.sqrt(var / s) / exact.norm()
+        assert err <= bound, (s, float(err), float(bound))
+        errors[s] = float(err)
+    assert errors[2000] < 0.03
+    assert errors[2000] < errors[100] / 2
+
+
+def test_unbiasedness_check_catches_a_missing_reweighting():
+    # Negative control: the reference code's first-visit branch keeps sampled rows without the 1/(s p_i)
+    # factor; the same bound must reject that estimator.
+    torch.manual_seed(0)
+    x, grad_y, exact = skewed_problem()
+    probs, k = sampling_probabilities(x), 16
+    grads = []
+    for _ in range(1600):
+        idx, w = wta_crs_sample(probs, k)
+        w = torch.where(w == 1.0, w, torch.ones_like(w))  # drop the reweighting of sampled rows
+        grads.append((grad_y[idx] * w[:, None]).t() @ x[idx])
+    grads = torch.stack(grads)
+    var = ((grads - grads.mean(0)) ** 2).sum(dim=(1, 2)).mean()
+    err = (grads.mean(0) - exact).norm() / exact.norm()
+    assert err > 3.5 * math.sqrt(var / 1600) / exact.norm()
+
+
+# ---------------------------------------------------------------- (b) variance below plain CRS
+
+
+def test_variance_below_plain_column_row_sampling_at_same_budget():
+    torch.manual_seed(0)
+    x, grad_y, exact = skewed_problem()
+    probs, k = sampling_probabilities(x), 16
+
+    def variance(wta):
+        est = []
+        for _ in range(2000):
+            idx, w = wta_crs_sample(probs, k, winner_take_all=wta)
+            est.append((grad_y[idx] * w[:, None]).t() @ x[idx])
+        return float(((torch.stack(est) - exact) ** 2).sum(dim=(1, 2)).mean())
+
+    var_crs, var_wta = variance(False), variance(True)
+    # Textbook CRS variance with p_i ∝ ||x_i||: (sum_i ||x_i||^2 ||g_i||^2 / p_i - ||G^T X||^2) / k.
+    xn, gn = x.norm(dim=1), grad_y.norm(dim=1)
+    analytic_crs = float(((xn**2 * gn**2 / probs).sum() - exact.norm() ** 2) / k)
+    assert var_crs == pytest.approx(analytic_crs, rel=0.15)
+    assert var_wta < 0.5 * var_crs
+
+
+def test_deterministic_set_follows_the_variance_proxy():
+    # Uniform probabilities: no row beats 1/k, so WTA-CRS is plain CRS (no deterministic rows, all weights != 1
+    # unless a row happens to be drawn with weight exactly 1).
+    n, k = 100, 10
+    idx, w = wta_crs_sample(torch.full((n,), 1.0 / n), k, generator=torch.Generator().manual_seed(0))
+    assert torch.all(w != 1.0)
+    # One dominant row (p = 0.9 > 1/k): it is taken deterministically with weight 1.
+    p = torch.full((n,), 0.1 / (n - 1))
+    p[7] = 0.9
+    idx, w = wta_crs_sample(p, k, generator=torch.Generator().manual_seed(0))
+    assert 7 in idx.tolist() and float(w[idx.tolist().index(7)]) == 1.0
+    assert len(idx) <= k and len(set(idx.tolist())) == len(idx)
+
+
+# ---------------------------------------------------------------- (c) exact forward and input gradient
+
+
+def test_forward_output_input_gradient_and_bias_gradient_are_exact():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    layer = WTACRSLinear(lin, 0.2).train()
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    x = torch.randn(4, 10, 16, requires_grad=True)
+    grad_y = torch.randn(4, 10, 12)
+    y = layer(x)
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    gx, gw, gb = torch.autograd.grad(y, (x, lin.weight, lin.bias), grad_y)
+    ref_x, ref_w, ref_b = torch.autograd.grad(
+        F.linear(x, lin.weight, lin.bias), (x, lin.weight, lin.bias), grad_y
+    )
+    torch.testing.assert_close(gx, ref_x, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gb, ref_b, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(gw, ref_w)  # the weight gradient is the sampled estimate
+
+
+def test_eval_mode_runs_the_plain_linear_with_exact_gradients():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 12)
+    layer = WTACRSLinear(lin, 0.1).eval()
+    x = torch.randn(30, 16)
+    grad_y = torch.randn(30, 12)
+    gw = torch.autograd.grad(layer(x), lin.weight, grad_y)[0]
+    torch.testing.assert_close(gw, grad_y.t() @ x)
+
+
+# ---------------------------------------------------------------- (d) saved-tensor memory
+
+
+def test_saved_activation_memory_scales_with_ratio():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 48)
+    x = torch.randn(8, 64, 32)
+    n, row_bytes = 8 * 64, 32 * 4
+    plain, _ = saved_activation_bytes(lambda: lin(x), lin.parameters())
+    assert plain == n * row_bytes
+    previous = plain
+    for ratio in (1.0, 0.5, 0.25, 0.1):
+        layer = WTACRSLinear(lin, ratio).train()
+        got, _ = saved_activation_bytes(lambda layer=layer: layer(x), lin.parameters())
+        kept = math.ceil(ratio * n)
+        if ratio == 1.0:
+            assert got == plain
+        else:
+            # at most `kept` rows, each with an int64 index and a float32 weight
+            assert got <= kept * (row_bytes + 12)
+            assert got >= 0.5 * ratio * plain
+            assert got < previous
+        previous = got
+
+
+def tiny_llama(attn="sdpa", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
+    cfg._attn_implementation = attn
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).train()
+
+
+@pytest.mark.parametrize(
+    "attn,targets,saves",
+    [
+        ("sdpa", ["q_proj"], False),  # k_proj / v_proj still keep the shared input
+        ("sdpa", ["q_proj", "k_proj", "v_proj"], True),
+        ("sdpa", ["gate_proj"], False),  # up_proj keeps it
+        ("sdpa", ["gate_proj", "up_proj"], True),
+        ("sdpa", ["down_proj"], True),
+        ("sdpa", ["o_proj"], False),  # SDPA keeps its output, which is o_proj's input
+        ("eager", ["o_proj"], True),
+    ],
+)
+def test_llama_module_groups_worth_replacing(attn, targets, saves):
+    model = tiny_llama(attn)
+    ids = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(1))
+    n, d = ids.numel(), 64
+    base, _ = saved_activation_bytes(lambda: model(input_ids=ids, labels=ids), model.parameters())
+    apply_wta_crs(model, 0.25, targets)
+    got, _ = saved_activation_bytes(lambda: model(input_ids=ids, labels=ids), model.parameters())
+    saved_per_layer = (base - got) / 2 / (n * d * 4)  # in units of one hidden-size activation
+    if saves:
+        assert saved_per_layer > 0.5
+    else:
+        assert saved_per_layer <= 0.0
+
+
+# ---------------------------------------------------------------- (e) HF Llama and peft LoRA
+
+
+def test_apply_on_llama_full_fine_tuning():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    names = apply_wta_crs(model, 0.3, LLAMA_TARGET_MODULES)
+    assert len(names) == 2 * 6 and "model.layers.1.mlp.down_proj" in names
+    assert list(model.state_dict()) == keys
+    out, ref_out = model(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, ref_out.logits)
+    out.loss.backward()
+    ref_out.loss.backward()
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    for name, p in params.items():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if not any(f"{t}.weight" in name for t in LLAMA_TARGET_MODULES):
+            # Not replaced: input gradients are exact everywhere, so these gradients are exact too.
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6)
+    before = params["model.layers.0.self_attn.q_proj.weight"].detach().clone()
+    torch.optim.AdamW(model.parameters(), lr=1e-3).step()
+    assert not torch.equal(before, params["model.layers.0.self_attn.q_proj.weight"])
+
+
+def test_llama_weight_gradient_is_unbiased_through_the_whole_model():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    ref(input_ids=ids, labels=ids).loss.backward()
+    apply_wta_crs(model, 0.3, LLAMA_TARGET_MODULES)
+    name = "model.layers.0.mlp.down_proj.weight"
+    exact = dict(ref.named_parameters())[name].grad
+    p = dict(model.named_parameters())[name]
+    grads = []
+    for _ in range(100):
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(p.grad.clone())
+    grads = torch.stack(grads)
+    single = ((grads - exact).flatten(1).norm(dim=1) / exact.norm()).mean()
+    averaged = (grads.mean(0) - exact).norm() / exact.norm()
+    assert averaged < 0.3 * single  # 1/sqrt(100) = 0.1 for an unbiased estimate
+
+
+def test_apply_on_peft_lora_wraps_lora_A_only():
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    model = tiny_llama()
+    # init_lora_weights=False: a nonzero B, so the adapters change the output and receive real gradients.
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_EAGER_TARGET_MODULES, init_lora_weights=False)
+    pm = get_peft_model(model, cfg).train()
+    ref = copy.deepcopy(pm)
+    adapter_keys = list(get_peft_model_state_dict(pm))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    names = apply_wta_crs(pm, 0.3, LLAMA_TARGET_MODULES)
+    assert len(names) == 12 and all(n.endswith(".lora_A.default") for n in names)
+    layer = pm.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert type(layer.base_layer) is nn.Linear and isinstance(layer.lora_A["default"], WTACRSLinear)
+    assert list(get_peft_model_state_dict(pm)) == adapter_keys
+    out, ref_out = pm(input_ids=ids, labels=ids), ref(input_ids=ids, labels=ids)
+    assert torch.equal(out.logits, ref_out.logits)
+    out.loss.backward()
+    ref_out.loss.backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in pm.named_parameters():
+        if not p.requires_grad:
+            assert p.grad is None, name
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+        if "lora_B" in name:  # its input lora_A(x) is exact, and so is its output gradient
+            torch.testing.assert_close(p.grad, ref_params[name].grad, rtol=1e-4, atol=1e-6)
+
+
+def test_remove_restores_plain_linears():
+    model = tiny_llama()
+    names = apply_wta_crs(model, 0.5, r".*\.mlp\.(gate|up|down)_proj")
+    assert len(names) == 6
+    assert sorted(remove_wta_crs(model)) == sorted(names)
+    assert all(type(model.get_submodule(n)) is nn.Linear for n in names)
+
+
+# ---------------------------------------------------------------- forward-time gradient-norm estimate
+
+
+def test_grad_norm_cache_records_norms_and_lowers_variance():
+    torch.manual_seed(0)
+    n, d, o = 64, 16, 8
+    x = torch.randn(2, n // 2, d)  # even input norms ...
+    grad_y = torch.randn(2, n // 2, o)
+    grad_y[0, :3] *= 40.0  # ... but a few tokens with large output gradients
+    exact = grad_y.reshape(n, o).t() @ x.reshape(n, d)
+    lin = nn.Linear(d, o, bias=False)
+
+    def variance(cache):
+        layer = WTACRSLinear(lin, 0.25, grad_norm_cache=cache, name="layer").train()
+        est = []
+        for _ in range(300):
+            if cache is not None:
+                cache.set_batch([10, 11])
+            est.append(torch.autograd.grad(layer(x), lin.weight, grad_y)[0])
+        est = torch.stack(est)
+        return float(((est - exact) ** 2).sum(dim=(1, 2)).mean()), est.mean(0)
+
+    cache = GradNormCache()
+    var_cached, mean_cached = variance(cache)
+    torch.testing.assert_close(
+        cache.lookup("layer", x.shape).float(), grad_y.norm(dim=-1).reshape(-1), rtol=1e-2, atol=0
+    )
+    var_plain, _ = variance(None)
+    assert var_cached < 0.5 * var_plain
+    assert (mean_cached - exact).norm() / exact.norm() < 4 * math.sqrt(var_cached / 300) / exact.norm()
+
+
+# ---------------------------------------------------------------- (f) misuse
+
+
+@pytest.mark.parametrize("ratio", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.3", None])
+def test_bad_ratio_is_one_line_error(ratio):
+    with pytest.raises(ZoftError, match=r"ratio must be a number in \(0, 1\]"):
+        apply_wta_crs(tiny_llama(), ratio, ["q_proj"])
+    with pytest.raises(ZoftError, match="ratio"):
+        WTACRSLinear(nn.Linear(4, 4), ratio)
+
+
+def test_targets_matching_nothing_list_existing_names():
+    with pytest.raises(ZoftError, match=r"match no linear layer.*down_proj.*q_proj") as e:
+        apply_wta_crs(tiny_llama(), 0.3, ["query", "value"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(ZoftError, match="match no linear layer"):
+        apply_wta_crs(tiny_llama(), 0.3, r"layers\.9\..*")
+    with pytest.raises(ZoftError, match="not a valid regex"):
+        apply_wta_crs(tiny_llama(), 0.3, "q_proj(")
+    with pytest.raises(ZoftError, match="non-empty list"):
+        apply_wta_crs(tiny_llama(), 0.3, [])
+
+
+def test_frozen_targets_and_double_application_are_refused():
+    model = tiny_llama()
+    model.requires_grad_(False)
+    with pytest.raises(ZoftError, match="none has a trainable weight"):
+        apply_wta_crs(model, 0.3, ["q_proj"])
+    model.requires_grad_(True)
+    apply_wta_crs(model, 0.3, ["q_proj"])
+    with pytest.raises(ZoftError, match="already uses WTA-CRS"):
+        apply_wta_crs(model, 0.3, ["q_proj"])
+
+
+def test_autocast_bf16_matches_plain_linear_forward_and_gives_fp32_weight_grads():
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 8)
+    layer = WTACRSLinear(lin, 0.3).train()
+    x = torch.randn(4, 20, 16, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = F.linear(x, lin.weight, lin.bias)
+    assert torch.equal(y, ref)
+    y.float().sum().backward()
+    assert lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
