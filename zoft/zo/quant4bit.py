@@ -26,6 +26,7 @@ Loading a checkpoint back (no zoft needed for inference)::
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -329,7 +330,9 @@ def from_bnb_linear4bit(layer: nn.Module) -> NF4Linear:
     """Convert a bitsandbytes NF4 ``Linear4bit`` into an :class:`NF4Linear` with the same codes and scales.
 
     Double-quantized absmax (``bnb_4bit_use_double_quant=True``) is dequantized to fp32 once here; the codes
-    tensor is reused, not copied.
+    tensor is reused, not copied. Convert right after loading: once bitsandbytes has run an eval forward
+    (``no_grad``) on an AVX512-BF16 CPU, it has rounded the layer's scales to bf16 in place, and those
+    rounded scales are what is converted.
 
     Args:
         layer: a ``bitsandbytes.nn.Linear4bit`` whose weight is quantized (``quant_type="nf4"``).
@@ -350,20 +353,25 @@ def from_bnb_linear4bit(layer: nn.Module) -> NF4Linear:
     if state.quant_type != "nf4":
         raise ZoftError(f"QZO supports NF4 layers only, this layer is {state.quant_type}; load it with "
                         "bnb_4bit_quant_type='nf4'")
-    data = weight.data
+    data, weight_dtype = weight.data, state.dtype
     if getattr(state, "packing_format_for_cpu", False):
-        # bitsandbytes repacks weights for its AVX512-BF16 CPU kernel on the first eval forward; undo that.
+        # bitsandbytes' first eval forward on an AVX512-BF16 CPU repacks the codes for its kernel and
+        # rounds absmax to bf16, stored transposed (in/blocksize, out). The codes come back exactly; the
+        # scales are the bf16-rounded ones bitsandbytes itself now computes with.
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
-        data, state = _convert_weight_packed_for_cpu_inverse(data, state)
-    absmax = state.absmax
-    if state.nested:
+        absmax = state.absmax.T.reshape(-1).float()
+        data, _ = _convert_weight_packed_for_cpu_inverse(data, copy.copy(state))
+        weight_dtype = getattr(state, "original_dtype", weight_dtype)
+    elif state.nested:
         absmax = _dequantize_nested_absmax(
-            absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, float(state.offset)
+            state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, float(state.offset)
         )
+    else:
+        absmax = state.absmax
     out_features, in_features = (int(s) for s in state.shape)
     bias = None if layer.bias is None else layer.bias.data
-    return NF4Linear(in_features, out_features, data, absmax.float(), bias, state.blocksize, state.dtype)
+    return NF4Linear(in_features, out_features, data, absmax.float(), bias, state.blocksize, weight_dtype)
 
 
 def _matches(name: str, patterns: Iterable[str]) -> bool:
