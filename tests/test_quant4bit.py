@@ -235,6 +235,11 @@ def test_save_load_round_trip_reproduces_tuned_model(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, expected)
 
+    # Loading with a bf16 compute dtype keeps the tuned scales fp32 and exact.
+    half = q.load_quantized(tmp_path, dtype=torch.bfloat16)
+    assert half.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(half.model.layers[0].self_attn.q_proj.absmax, layer0.absmax.detach())
+
     # Plain transformers + bitsandbytes (no zoft): Linear4bit layers holding the tuned scales.
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)
     bnb_layer = plain.model.layers[0].self_attn.q_proj
@@ -333,8 +338,13 @@ def test_convert_bnb_loaded_double_quant_model(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=bnb_config)
     x = torch.randint(0, 128, (2, 9))
     expected = model(x).logits.detach()  # grad-enabled forward: bitsandbytes' reference CPU path
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    with pytest.raises(ValueError, match="purely quantized"):
+        validate_quantization_for_training(model)  # HF Trainer's refusal before conversion
     names = q.convert_bnb_model(model)
     assert len(names) == 14 and model.hf_quantizer is None
+    validate_quantization_for_training(model)  # after: a plain model with trainable scales
     torch.testing.assert_close(model(x).logits.detach(), expected, rtol=1e-5, atol=1e-6)
     # Saved back with fp32 scales (no double quantization) and loadable.
     q.save_quantized(model, tmp_path / "q")
@@ -342,3 +352,29 @@ def test_convert_bnb_loaded_double_quant_model(tmp_path):
         "bnb_4bit_use_double_quant"] is False
     with torch.no_grad():
         torch.testing.assert_close(q.load_quantized(tmp_path / "q")(x).logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_reads_bitsandbytes_keys_including_double_quant(tmp_path):
+    # The path HF Trainer takes when it resumes: model.load_state_dict(<bnb-layout state dict>).
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama().save_pretrained(tmp_path)
+    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.float32)
+    bnb_model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config)
+    x = torch.randint(0, 128, (2, 9))
+    expected = bnb_model(x).logits.detach()
+    sd = bnb_model.state_dict()
+    assert "model.layers.0.self_attn.q_proj.weight.nested_absmax" in sd
+
+    target = tiny_llama(seed=1)  # different weights: everything must come from the state dict
+    q.quantize_model_nf4(target)
+    result = target.load_state_dict(sd, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    torch.testing.assert_close(target(x).logits.detach(), expected, rtol=1e-5, atol=1e-6)
+    # And a zoft state dict (fp32 scales) round-trips exactly.
+    again = tiny_llama(seed=2)
+    q.quantize_model_nf4(again)
+    again.load_state_dict(target.state_dict(), strict=True)
+    for a, b in zip(q.nf4_layers(again), q.nf4_layers(target)):
+        assert torch.equal(a.absmax, b.absmax) and torch.equal(a.codes, b.codes)

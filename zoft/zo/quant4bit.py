@@ -387,11 +387,16 @@ def _detach_hf_quantizer(model: nn.Module, skipped: list[str]) -> None:
     """Make the converted model a plain trainable module that saves as a bitsandbytes NF4 checkpoint.
 
     After conversion no bitsandbytes module is left, so the model's ``hf_quantizer`` (if any) is stale; it is
-    cleared on this instance only (HF Trainer refuses models that carry one without adapters). The bnb
+    cleared on this instance only, with the ``quantization_method`` / ``is_quantized`` marks (HF Trainer refuses
+    models that carry them without adapters, ``.to(dtype)`` refuses bitsandbytes models). The bnb
     ``quantization_config`` on the config makes ``save_pretrained`` folders loadable by plain transformers.
     """
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
+    # Instance attributes transformers' quantizer sets at load; they would make `.to(dtype)` refuse.
+    model.__dict__.pop("quantization_method", None)
+    if "is_quantized" in model.__dict__:
+        model.is_quantized = False
     config = getattr(model, "config", None)
     if config is None:
         return
@@ -575,7 +580,9 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> None
         tokenizer.save_pretrained(str(folder))
 
 
-def load_quantized(folder: str | Path, auto_class=None, **kwargs) -> nn.Module:
+def load_quantized(
+    folder: str | Path, dtype: torch.dtype | None = None, auto_class=None, **kwargs
+) -> nn.Module:
     """Load a bitsandbytes NF4 checkpoint (e.g. from :func:`save_quantized`) with NF4Linear layers.
 
     Needs ``bitsandbytes`` (it runs on CPU): transformers loads the 4-bit layers, which are then converted
@@ -583,6 +590,8 @@ def load_quantized(folder: str | Path, auto_class=None, **kwargs) -> nn.Module:
 
     Args:
         folder: a Hugging Face folder whose config.json has a bitsandbytes NF4 ``quantization_config``.
+        dtype: dtype of the parts kept in full precision (embeddings, norms, unquantized layers) and of the
+            compute; the scales stay fp32. Default: as stored.
         auto_class: the transformers auto class (default ``AutoModelForCausalLM``).
         **kwargs: passed to ``from_pretrained``.
 
@@ -607,5 +616,9 @@ def load_quantized(folder: str | Path, auto_class=None, **kwargs) -> nn.Module:
                         f"{qc!r}); quantize a full-precision model with quantize_model_nf4 instead")
     model = auto_class.from_pretrained(str(folder), **kwargs)
     convert_bnb_model(model)
+    if dtype is not None:
+        # After conversion: transformers' bitsandbytes loader keeps the stored dtype for the other weights.
+        model.to(dtype)
+        model.config.quantization_config["bnb_4bit_compute_dtype"] = str(dtype).removeprefix("torch.")
     return model
 
