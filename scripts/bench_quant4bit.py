@@ -3,7 +3,8 @@
 Each configuration runs in a fresh subprocess: fp32, bf16 (plain transformers), nf4 (zoft NF4Linear loaded
 from a bitsandbytes NF4 checkpoint written by save_quantized; fp32 compute) and nf4-bf16 (same, bf16
 compute and bf16 embeddings/norms), and bnb-nf4 (bitsandbytes' own Linear4bit quantizing the fp32 model at
-load, its CPU kernels; a reference for the quantization error and speed). Every worker runs the same forward passes at batch 8 x 128 over a fixed
+load, its CPU kernels; a reference for the quantization error and speed). Every worker runs the same
+forward passes at batch 8 x 128 over a fixed
 slice of Rotten Tomatoes reviews and reports loss / perplexity, so the quantization error shows as the
 perplexity change against fp32. A "runtime" row measures the process with torch and transformers
 imported and no model, the floor under every RSS figure.
@@ -54,8 +55,9 @@ def worker(config: str, model_path: str, nf4_path: str, tokens_path: str) -> dic
     elif config == "bnb-nf4":
         from transformers import BitsAndBytesConfig
 
-        bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                        bnb_4bit_compute_dtype=torch.float32)
+        bnb_config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
         model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb_config).eval()
     else:
         dtype = torch.float32 if config == "nf4" else torch.bfloat16
@@ -136,8 +138,10 @@ def main() -> None:
         return
 
     print(f"command: {' '.join([Path(sys.executable).name] + sys.argv)}")
-    print(f"device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
-          "torch threads 2); model SmolLM2-135M-Instruct; data Rotten Tomatoes test split (seed 0)")
+    print(
+        f"device: CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
+        "torch threads 2); model SmolLM2-135M-Instruct; data Rotten Tomatoes test split (seed 0)"
+    )
     with tempfile.TemporaryDirectory(prefix="zoft-bench-q4-") as tmp:
         model_path, nf4_path, tokens_path, quant_s = prepare(Path(tmp), args.batches)
         print(f"quantize + save_quantized of the fp32 model: {quant_s:.1f} s")
@@ -148,29 +152,36 @@ def main() -> None:
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
                 sys.exit(f"worker {config} failed:\n{proc.stderr[-3000:]}")
-            results[config] = json.loads(line[len("RESULT "):])
+            results[config] = json.loads(line[len("RESULT ") :])
 
     mb = 1 / 2**20
     base, floor = results["fp32"], results["runtime"]["peak_rss"]
-    print(f"\n{args.batches} forwards of {BATCH} x {SEQ} tokens per config (time: mean of all but the first); "
-          f"RSS of the runtime alone (torch + transformers imported, no model): {floor * mb:.0f} MB\n")
-    print("| config | weight MB | x fp32 | RSS loaded MB | peak RSS MB | x fp32 | peak above runtime MB | x fp32 "
-          "| forward s | x fp32 | load s | loss | ppl |")
+    print(
+        f"\n{args.batches} forwards of {BATCH} x {SEQ} tokens per config (time: mean of all but the first); "
+        f"RSS of the runtime alone (torch + transformers imported, no model): {floor * mb:.0f} MB\n"
+    )
+    print(
+        "| config | weight MB | x fp32 | RSS loaded MB | peak RSS MB | x fp32 "
+        "| peak above runtime MB | x fp32 | forward s | x fp32 | load s | loss | ppl |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for config in CONFIGS[1:]:
         r = results[config]
         above, base_above = r["peak_rss"] - floor, base["peak_rss"] - floor
         print(
             f"| {config} | {r['weight_bytes'] * mb:.1f} | {r['weight_bytes'] / base['weight_bytes']:.3f} "
-            f"| {r['rss_loaded'] * mb:.0f} | {r['peak_rss'] * mb:.0f} | {r['peak_rss'] / base['peak_rss']:.2f} "
+            f"| {r['rss_loaded'] * mb:.0f} | {r['peak_rss'] * mb:.0f} "
+            f"| {r['peak_rss'] / base['peak_rss']:.2f} "
             f"| {above * mb:.0f} | {above / base_above:.2f} "
             f"| {r['forward_s']:.2f} | {r['forward_s'] / base['forward_s']:.2f} | {r['load_s']:.1f} "
             f"| {r['loss']:.4f} | {math.exp(r['loss']):.2f} |"
         )
     nf4 = results["nf4"]
-    print(f"\nnf4 weights: codes {nf4['codes'] * mb:.1f} MB + scales {nf4['scales'] * mb:.1f} MB + the rest "
-          f"(embeddings tied to lm_head, norms; kept in full precision) "
-          f"{(nf4['weight_bytes'] - nf4['codes'] - nf4['scales']) * mb:.1f} MB")
+    print(
+        f"\nnf4 weights: codes {nf4['codes'] * mb:.1f} MB + scales {nf4['scales'] * mb:.1f} MB + the rest "
+        f"(embeddings tied to lm_head, norms; kept in full precision) "
+        f"{(nf4['weight_bytes'] - nf4['codes'] - nf4['scales']) * mb:.1f} MB"
+    )
 
 
 if __name__ == "__main__":

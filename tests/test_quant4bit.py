@@ -21,8 +21,13 @@ def tiny_llama(tie: bool = False, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=128, tie_word_embeddings=tie,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
 
@@ -30,8 +35,12 @@ def tiny_llama(tie: bool = False, seed: int = 0):
 def bnb_reference_weight(layer: q.NF4Linear, absmax: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     """bitsandbytes' own dequantization of the layer's codes with the given scales."""
     state = bnbf.QuantState(
-        absmax=absmax.detach().float(), shape=torch.Size([layer.out_features, layer.in_features]),
-        code=bnbf.get_4bit_type("nf4", device="cpu"), blocksize=layer.blocksize, quant_type="nf4", dtype=dtype,
+        absmax=absmax.detach().float(),
+        shape=torch.Size([layer.out_features, layer.in_features]),
+        code=bnbf.get_4bit_type("nf4", device="cpu"),
+        blocksize=layer.blocksize,
+        quant_type="nf4",
+        dtype=dtype,
     )
     return bnbf.dequantize_4bit(layer.codes, state)
 
@@ -85,7 +94,9 @@ def test_quantize_and_dequantize_match_bitsandbytes(shape, blocksize):
     # The public quantizer (bitsandbytes when installed) agrees with the plain-torch one.
     codes2, absmax2 = q.nf4_quantize(w, blocksize)
     assert torch.equal(codes2, codes) and torch.equal(absmax2, absmax)
-    assert torch.equal(q.nf4_dequantize(codes, absmax, shape, blocksize), bnbf.dequantize_4bit(ref_codes, state))
+    assert torch.equal(
+        q.nf4_dequantize(codes, absmax, shape, blocksize), bnbf.dequantize_4bit(ref_codes, state)
+    )
     assert torch.equal(
         q.nf4_dequantize(codes, absmax, shape, blocksize, torch.bfloat16),
         bnbf.dequantize_4bit(ref_codes, state).to(torch.bfloat16),
@@ -123,11 +134,15 @@ def test_forward_with_perturbed_scales_matches_reference(dtype):
     perturbed = layer.absmax.detach() + 1e-3 * z
     layer._parameters["absmax"] = nn.Parameter(perturbed)
     out = layer(x)
-    ref = nn.functional.linear(x, bnb_reference_weight(layer, perturbed, torch.float32).to(dtype), lin.bias.to(dtype))
+    ref = nn.functional.linear(
+        x, bnb_reference_weight(layer, perturbed, torch.float32).to(dtype), lin.bias.to(dtype)
+    )
     assert out.dtype == dtype
     assert torch.equal(out, ref)
     # The perturbation reaches the output (a forward that cached the weight would not see it).
-    unperturbed = nn.functional.linear(x, bnb_reference_weight(layer, perturbed - 1e-3 * z).to(dtype), lin.bias.to(dtype))
+    unperturbed = nn.functional.linear(
+        x, bnb_reference_weight(layer, perturbed - 1e-3 * z).to(dtype), lin.bias.to(dtype)
+    )
     assert not torch.equal(out, unperturbed)
 
 
@@ -170,7 +185,11 @@ def test_zo_cycle_keeps_codes_and_restores_scales_exactly():
     # An update big enough to push scales negative; constrain_ brings them back above the floor.
     with torch.no_grad():
         for m in layers:
-            m.absmax.sub_(2.0 * m.absmax.abs().max() * torch.rand(m.absmax.shape, generator=torch.Generator().manual_seed(0)))
+            m.absmax.sub_(
+                2.0
+                * m.absmax.abs().max()
+                * torch.rand(m.absmax.shape, generator=torch.Generator().manual_seed(0))
+            )
     assert any((m.absmax <= 0).any() for m in layers)
     q.constrain_scales_(model)
     for m in layers:
@@ -286,7 +305,10 @@ def test_target_modules_and_memory_accounting():
     fp_bytes = q.quantized_weight_bytes(model)
     names = q.quantize_model_nf4(model, target_modules=["q_proj", "v_proj"])
     assert [n.rsplit(".", 1)[1] for n in names] == ["q_proj", "v_proj"] * 2
-    assert set(model.config.quantization_config["llm_int8_skip_modules"]) >= {"lm_head", "model.layers.0.mlp.up_proj"}
+    assert set(model.config.quantization_config["llm_int8_skip_modules"]) >= {
+        "lm_head",
+        "model.layers.0.mlp.up_proj",
+    }
     acct = q.quantized_weight_bytes(model)
     n_quantized = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in names)
     assert acct["codes"] == n_quantized // 2
@@ -302,8 +324,9 @@ def test_target_modules_and_memory_accounting():
 def test_from_bnb_linear4bit_reproduces_the_layer(double_quant):
     torch.manual_seed(4)
     lin = nn.Linear(128, 64)
-    layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, compress_statistics=double_quant,
-                              quant_type="nf4")
+    layer = bnb.nn.Linear4bit(
+        128, 64, compute_dtype=torch.float32, compress_statistics=double_quant, quant_type="nf4"
+    )
     layer.load_state_dict(lin.state_dict())
     layer = layer.to("cpu")  # bitsandbytes quantizes here
     assert layer.weight.quant_state.nested == double_quant
@@ -333,8 +356,12 @@ def test_convert_bnb_loaded_double_quant_model(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama().save_pretrained(tmp_path / "fp")
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp", quantization_config=bnb_config)
     x = torch.randint(0, 128, (2, 9))
     expected = model(x).logits.detach()  # grad-enabled forward: bitsandbytes' reference CPU path
@@ -348,8 +375,12 @@ def test_convert_bnb_loaded_double_quant_model(tmp_path):
     torch.testing.assert_close(model(x).logits.detach(), expected, rtol=1e-5, atol=1e-6)
     # Saved back with fp32 scales (no double quantization) and loadable.
     q.save_quantized(model, tmp_path / "q")
-    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"][
-        "bnb_4bit_use_double_quant"] is False
+    assert (
+        json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"][
+            "bnb_4bit_use_double_quant"
+        ]
+        is False
+    )
     with torch.no_grad():
         torch.testing.assert_close(q.load_quantized(tmp_path / "q")(x).logits, expected, rtol=1e-5, atol=1e-6)
 
@@ -359,8 +390,12 @@ def test_load_state_dict_reads_bitsandbytes_keys_including_double_quant(tmp_path
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     tiny_llama().save_pretrained(tmp_path)
-    bnb_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=torch.float32)
+    bnb_config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
     bnb_model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_config)
     x = torch.randint(0, 128, (2, 9))
     expected = bnb_model(x).logits.detach()

@@ -72,7 +72,9 @@ def _check_blocksize(blocksize: int) -> None:
         raise ZoftError(f"NF4 blocksize {blocksize} is not supported; use one of {list(_VALID_BLOCKSIZES)}")
 
 
-def nf4_quantize_torch(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def nf4_quantize_torch(
+    weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a tensor to NF4 in plain torch, bit-identical to bitsandbytes' ``quantize_4bit``.
 
     Args:
@@ -100,7 +102,9 @@ def nf4_quantize_torch(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE)
     return codes, absmax
 
 
-def nf4_quantize(weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE) -> tuple[torch.Tensor, torch.Tensor]:
+def nf4_quantize(
+    weight: torch.Tensor, blocksize: int = DEFAULT_BLOCKSIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize with bitsandbytes' own ``quantize_4bit`` when it is installed, else in plain torch.
 
     The two give the same codes and absmax (tested); the plain-torch path serves machines without
@@ -173,7 +177,10 @@ def _pack_quant_state(blocksize: int, dtype: torch.dtype, shape: Sequence[int]) 
 
 
 def _dequantize_nested_absmax(
-    absmax_codes: torch.Tensor, nested_absmax: torch.Tensor, nested_quant_map: torch.Tensor, nested_blocksize: int,
+    absmax_codes: torch.Tensor,
+    nested_absmax: torch.Tensor,
+    nested_quant_map: torch.Tensor,
+    nested_blocksize: int,
     offset: float,
 ) -> torch.Tensor:
     """Undo bitsandbytes' double quantization of absmax: 8-bit code value * block scale + offset, in fp32."""
@@ -223,7 +230,8 @@ class NF4Linear(nn.Module):
             codes = codes.view(torch.uint8)
         if codes.numel() != -(-n // 2):
             raise ZoftError(
-                f"NF4 codes hold {codes.numel()} bytes but a {out_features}x{in_features} weight needs {-(-n // 2)}"
+                f"NF4 codes hold {codes.numel()} bytes but a {out_features}x{in_features} weight "
+                f"needs {-(-n // 2)}"
             )
         if absmax.numel() != -(-n // blocksize):
             raise ZoftError(
@@ -240,15 +248,23 @@ class NF4Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = DEFAULT_BLOCKSIZE) -> NF4Linear:
-        """Quantize an ``nn.Linear`` (bitsandbytes' quantizer when installed, else the identical torch one)."""
+        """Quantize an ``nn.Linear`` (bitsandbytes' quantizer if installed, else the identical torch one)."""
         codes, absmax = nf4_quantize(linear.weight, blocksize)
         return cls(
-            linear.in_features, linear.out_features, codes, absmax, linear.bias, blocksize, linear.weight.dtype
+            linear.in_features,
+            linear.out_features,
+            codes,
+            absmax,
+            linear.bias,
+            blocksize,
+            linear.weight.dtype,
         )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (out, in) weight the forward uses, rebuilt from codes and the current ``absmax``."""
-        return nf4_dequantize(self.codes, self.absmax, (self.out_features, self.in_features), self.blocksize, dtype)
+        return nf4_dequantize(
+            self.codes, self.absmax, (self.out_features, self.in_features), self.blocksize, dtype
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.dequantized_weight(x.dtype)
@@ -283,37 +299,60 @@ class NF4Linear(nn.Module):
             self.blocksize, self.weight_dtype, (self.out_features, self.in_features)
         )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         """Read bitsandbytes' Linear4bit keys (with or without double quantization) into codes and absmax."""
-        known = ("weight", "bias", "weight.absmax", "weight.quant_map", "weight." + _QUANT_STATE_KEY,
-                 "weight.nested_absmax", "weight.nested_quant_map")
-        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and k[len(prefix):] in known}
-        expected = ["weight", "weight.absmax", "weight." + _QUANT_STATE_KEY] + (["bias"] if self.bias is not None else [])
+        known = (
+            "weight",
+            "bias",
+            "weight.absmax",
+            "weight.quant_map",
+            "weight." + _QUANT_STATE_KEY,
+            "weight.nested_absmax",
+            "weight.nested_quant_map",
+        )
+        own = {
+            k[len(prefix) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(prefix) and k[len(prefix) :] in known
+        }
+        expected = ["weight", "weight.absmax", "weight." + _QUANT_STATE_KEY] + (
+            ["bias"] if self.bias is not None else []
+        )
         missing = [k for k in expected if k not in own]
         if missing:
             missing_keys.extend(prefix + k for k in missing)
             return
         meta = json.loads(bytes(own["weight." + _QUANT_STATE_KEY].tolist()).decode("utf-8"))
         shape = tuple(meta.get("shape") or ())
-        if meta.get("quant_type") != "nf4" or shape != (self.out_features, self.in_features) or (
-            int(meta["blocksize"]) != self.blocksize
+        if (
+            meta.get("quant_type") != "nf4"
+            or shape != (self.out_features, self.in_features)
+            or (int(meta["blocksize"]) != self.blocksize)
         ):
             error_msgs.append(
-                f"{prefix}weight: checkpoint holds {meta.get('quant_type')} {shape} blocksize {meta.get('blocksize')},"
+                f"{prefix}weight: checkpoint holds {meta.get('quant_type')} {shape} "
+                f"blocksize {meta.get('blocksize')},"
                 f" layer is nf4 {(self.out_features, self.in_features)} blocksize {self.blocksize}"
             )
             return
         absmax = own["weight.absmax"]
         if "weight.nested_absmax" in own:
             absmax = _dequantize_nested_absmax(
-                absmax, own["weight.nested_absmax"], own["weight.nested_quant_map"],
-                int(meta["nested_blocksize"]), float(meta["nested_offset"]),
+                absmax,
+                own["weight.nested_absmax"],
+                own["weight.nested_quant_map"],
+                int(meta["nested_blocksize"]),
+                float(meta["nested_offset"]),
             )
         codes = own["weight"]
         with torch.no_grad():
-            self.codes = (codes if codes.dtype == torch.uint8 else codes.view(torch.uint8)).reshape(-1, 1).to(
-                self.codes.device)
+            self.codes = (
+                (codes if codes.dtype == torch.uint8 else codes.view(torch.uint8))
+                .reshape(-1, 1)
+                .to(self.codes.device)
+            )
             self.absmax.copy_(absmax.reshape(-1).float())
             if self.bias is not None:
                 self.bias = own["bias"].to(device=self.bias.device, dtype=self.bias.dtype)
@@ -321,7 +360,8 @@ class NF4Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, "
             f"nf4 blocksize={self.blocksize}"
         )
 
@@ -351,8 +391,10 @@ def from_bnb_linear4bit(layer: nn.Module) -> NF4Linear:
             "load the model with a BitsAndBytesConfig or move it to a device first"
         )
     if state.quant_type != "nf4":
-        raise ZoftError(f"QZO supports NF4 layers only, this layer is {state.quant_type}; load it with "
-                        "bnb_4bit_quant_type='nf4'")
+        raise ZoftError(
+            f"QZO supports NF4 layers only, this layer is {state.quant_type}; load it with "
+            "bnb_4bit_quant_type='nf4'"
+        )
     data, weight_dtype = weight.data, state.dtype
     if getattr(state, "packing_format_for_cpu", False):
         # bitsandbytes' first eval forward on an AVX512-BF16 CPU repacks the codes for its kernel and
@@ -387,8 +429,8 @@ def _detach_hf_quantizer(model: nn.Module, skipped: list[str]) -> None:
     """Make the converted model a plain trainable module that saves as a bitsandbytes NF4 checkpoint.
 
     After conversion no bitsandbytes module is left, so the model's ``hf_quantizer`` (if any) is stale; it is
-    cleared on this instance only, with the ``quantization_method`` / ``is_quantized`` marks (HF Trainer refuses
-    models that carry them without adapters, ``.to(dtype)`` refuses bitsandbytes models). The bnb
+    cleared on this instance only, with the ``quantization_method`` / ``is_quantized`` marks (HF Trainer
+    refuses models that carry them without adapters, ``.to(dtype)`` refuses bitsandbytes models). The bnb
     ``quantization_config`` on the config makes ``save_pretrained`` folders loadable by plain transformers.
     """
     if hasattr(model, "hf_quantizer"):
@@ -486,8 +528,10 @@ def convert_bnb_model(model: nn.Module) -> list[str]:
         elif type(module) is nn.Linear:
             unconverted.append(name)
     if not replaced:
-        raise ZoftError("the model has no bitsandbytes Linear4bit layer; load it with "
-                        "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') or use quantize_model_nf4")
+        raise ZoftError(
+            "the model has no bitsandbytes Linear4bit layer; load it with "
+            "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4') or use quantize_model_nf4"
+        )
     _detach_hf_quantizer(model, unconverted)
     return replaced
 
@@ -505,8 +549,10 @@ def mark_only_scales_trainable(model: nn.Module) -> list[str]:
     """
     scales = {id(m.absmax) for m in nf4_layers(model)}
     if not scales:
-        raise ZoftError("QZO trains quantization scales but the model has no NF4 layer; "
-                        "set model.quantization: nf4 or load a bitsandbytes NF4 checkpoint")
+        raise ZoftError(
+            "QZO trains quantization scales but the model has no NF4 layer; "
+            "set model.quantization: nf4 or load a bitsandbytes NF4 checkpoint"
+        )
     names = []
     for name, p in model.named_parameters():
         p.requires_grad_(id(p) in scales)
@@ -571,7 +617,9 @@ def save_quantized(model: nn.Module, folder: str | Path, tokenizer=None) -> None
     if not nf4_layers(model):
         raise ZoftError("save_quantized needs a model with NF4 layers; call quantize_model_nf4 first")
     if not hasattr(model, "save_pretrained") or getattr(model, "config", None) is None:
-        raise ZoftError("save_quantized needs a Hugging Face PreTrainedModel (with save_pretrained and a config)")
+        raise ZoftError(
+            "save_quantized needs a Hugging Face PreTrainedModel (with save_pretrained and a config)"
+        )
     if not isinstance(getattr(model.config, "quantization_config", None), dict):
         skipped = [n for n, m in model.named_modules() if type(m) is nn.Linear]
         _detach_hf_quantizer(model, skipped)
@@ -609,11 +657,16 @@ def load_quantized(
     config = AutoConfig.from_pretrained(str(folder))
     qc = getattr(config, "quantization_config", None)
     qc = qc if isinstance(qc, dict) or qc is None else qc.to_dict()
-    if not qc or qc.get("quant_method") != "bitsandbytes" or qc.get("bnb_4bit_quant_type") != "nf4" or not (
-        qc.get("load_in_4bit") or qc.get("_load_in_4bit")
+    if (
+        not qc
+        or qc.get("quant_method") != "bitsandbytes"
+        or qc.get("bnb_4bit_quant_type") != "nf4"
+        or not (qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
     ):
-        raise ZoftError(f"{folder} is not a bitsandbytes NF4 checkpoint (config.json quantization_config is "
-                        f"{qc!r}); quantize a full-precision model with quantize_model_nf4 instead")
+        raise ZoftError(
+            f"{folder} is not a bitsandbytes NF4 checkpoint (config.json quantization_config is "
+            f"{qc!r}); quantize a full-precision model with quantize_model_nf4 instead"
+        )
     model = auto_class.from_pretrained(str(folder), **kwargs)
     convert_bnb_model(model)
     if dtype is not None:
@@ -621,4 +674,3 @@ def load_quantized(
         model.to(dtype)
         model.config.quantization_config["bnb_4bit_compute_dtype"] = str(dtype).removeprefix("torch.")
     return model
-
