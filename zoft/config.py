@@ -226,6 +226,28 @@ class EvaluationSection(Section):
     after: bool = Field(True, description="Evaluate on the held-out split after training.")
 
 
+class WTACRSSection(Section):
+    ratio: float = Field(
+        gt=0,
+        le=1,
+        description="Fraction of tokens whose inputs a replaced linear keeps for its weight gradient "
+        "(1.0 = exact). The forward and the input gradient stay exact.",
+    )
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Linear layers to replace (name suffixes or a full-name regex). q/k/v save memory only "
+        "together, gate/up only together; see docs/wta_crs.md.",
+    )
+
+
+class MemorySection(Section):
+    wta_crs: WTACRSSection | None = Field(
+        None,
+        description="WTA-CRS activation sampling (Liu et al., 2023): linear layers keep a sampled subset "
+        "of input rows for the backward pass; first-order methods only.",
+    )
+
+
 class ReservedSection(Section):
     """A section reserved for a method family whose options are not available yet: any key is an error."""
 
@@ -238,7 +260,7 @@ class Recipe(Section):
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
-    memory: ReservedSection | None = None
+    memory: MemorySection | None = None
     offload: ReservedSection | None = None
     privacy: ReservedSection | None = None
     distributed: ReservedSection | None = None
@@ -248,6 +270,11 @@ class Recipe(Section):
         if self.model.task == "sequence_classification" and self.data.format != "classification":
             raise ValueError(
                 "model.task 'sequence_classification' needs data.format 'classification' (labels come from data.verbalizers)"
+            )
+        if self.memory is not None and self.memory.wta_crs is not None and self.method.is_zeroth_order:
+            raise ValueError(
+                f"memory.wta_crs saves activations kept for the backward pass, and method '{self.method.name}' "
+                "has no backward; drop memory.wta_crs or use method adamw/sgd"
             )
         if self.peft is not None and self.peft.method == "prefix_tuning" and self.method.is_zeroth_order:
             # peft's prefix tuning builds its past_key_values outside any module forward that owns the

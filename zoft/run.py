@@ -91,6 +91,11 @@ def build_model_and_tokenizer(recipe: Recipe):
     )
     if recipe.peft is not None:
         model = apply_peft(model, recipe.peft, m.task)
+    if recipe.memory is not None and recipe.memory.wta_crs is not None:
+        from zoft.memory.wta_crs import apply_wta_crs
+
+        # After the peft wrap: with LoRA the adapters' lora_A layers are the ones that keep inputs.
+        apply_wta_crs(model, recipe.memory.wta_crs.ratio, recipe.memory.wta_crs.target_modules)
     return model, tokenizer
 
 
