@@ -143,3 +143,11 @@ def test_cli_error_is_not_a_traceback_in_a_real_process(tmp_path):
 def test_every_shipped_recipe_validates():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         load_recipe(path)
+
+
+def test_readme_recipe_reference_is_generated_from_the_schema():
+    from zoft.reference import END, START, reference_markdown
+
+    readme = (REPO / "README.md").read_text()
+    section = readme.split(START, 1)[1].split(END, 1)[0].strip()
+    assert section == reference_markdown().strip(), "run: python -m zoft.reference --write"

@@ -66,11 +66,11 @@ class DataSection(Section):
     max_length: int = Field(256, ge=8, description="Tokens per example; longer prompts are cut on the left.")
     max_train_samples: int | None = Field(None, ge=1, description="Use at most this many training rows.")
     max_eval_samples: int | None = Field(None, ge=1, description="Use at most this many held-out rows.")
-    text_column: str = "text"
-    prompt_column: str = "prompt"
-    completion_column: str = "completion"
-    messages_column: str = "messages"
-    label_column: str = "label"
+    text_column: str = Field("text", description="Column with the text (text format; classification default template).")
+    prompt_column: str = Field("prompt", description="prompt_completion: the prompt column.")
+    completion_column: str = Field("completion", description="prompt_completion: the column the loss is on.")
+    messages_column: str = Field("messages", description="chat: column holding a list of {role, content}.")
+    label_column: str = Field("label", description="classification: the label column (values = verbalizer keys).")
     template: str | None = Field(
         None,
         description="classification: the prompt, with {column} fields, e.g. '{text} It was'. "
@@ -162,24 +162,26 @@ class TrainSection(Section):
 
     model_config = ConfigDict(extra="allow", validate_assignment=True)
 
-    learning_rate: float = Field(1e-6, ge=0)
+    learning_rate: float = Field(1e-6, ge=0, description="Peak learning rate (MeZO full: ~1e-6; MeZO+LoRA: ~1e-3; AdamW: ~1e-5).")
     max_steps: int = Field(-1, description="Optimizer steps; -1 means num_train_epochs decides.")
-    num_train_epochs: float = Field(1.0, gt=0)
-    per_device_train_batch_size: int = Field(16, ge=1)
-    per_device_eval_batch_size: int = Field(32, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    lr_scheduler_type: str = "constant"
-    warmup_steps: float = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    seed: int = 42
-    logging_steps: float = Field(10, gt=0)
-    eval_strategy: Literal["no", "steps", "epoch"] = "no"
-    eval_steps: float | None = None
-    save_strategy: Literal["no", "steps", "epoch", "best"] = "steps"
-    save_steps: float = Field(500, gt=0)
-    save_total_limit: int | None = Field(2, ge=1)
-    report_to: str | list[str] = "none"
-    dataloader_num_workers: int = Field(0, ge=0)
+    num_train_epochs: float = Field(1.0, gt=0, description="Epochs when max_steps is -1.")
+    per_device_train_batch_size: int = Field(16, ge=1, description="Examples per forward on each device.")
+    per_device_eval_batch_size: int = Field(32, ge=1, description="Examples per evaluation forward.")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per update; ZO micro-batches share one seed and average g."
+    )
+    lr_scheduler_type: str = Field("constant", description="HF scheduler name: constant, linear, cosine, ...")
+    warmup_steps: float = Field(0, ge=0, description="Warm-up steps (or a fraction of max_steps if < 1).")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay (not on biases and norms).")
+    seed: int = Field(42, description="Run seed: model init, data order, and every ZO direction.")
+    logging_steps: float = Field(10, gt=0, description="Log loss (and ZO projected gradient) every N steps.")
+    eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="Evaluate during training too.")
+    eval_steps: float | None = Field(None, description="With eval_strategy steps: every N steps.")
+    save_strategy: Literal["no", "steps", "epoch", "best"] = Field("steps", description="When to checkpoint.")
+    save_steps: float = Field(500, gt=0, description="Checkpoint every N steps (resume needs one).")
+    save_total_limit: int | None = Field(2, ge=1, description="Keep at most this many checkpoints.")
+    report_to: str | list[str] = Field("none", description="HF loggers: none, tensorboard, wandb, ...")
+    dataloader_num_workers: int = Field(0, ge=0, description="Data loading worker processes.")
 
     @model_validator(mode="before")
     @classmethod
