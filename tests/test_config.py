@@ -79,7 +79,7 @@ def test_dotted_overrides_are_typed_and_validated_like_the_file(tmp_path):
         ({"lora": {"r": 8}}, "lora: unknown key"),
         ({"model": None}, "model: expected a section (a mapping of keys), got None"),
         ({"peft": {"method": "prefix_tuning"}},
-         "recipe: peft.method 'prefix_tuning' is not supported with a zeroth-order method; use lora"),
+         "peft.method 'prefix_tuning' is not supported with a zeroth-order method; use lora"),
     ],
 )
 def test_each_bad_recipe_gets_the_expected_one_line_error(tmp_path, change, expected):

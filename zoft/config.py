@@ -308,7 +308,10 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
 def _format_error(err: dict) -> str:
     # pydantic puts union-branch and validator tags into loc; keep only the recipe keys.
     loc = tuple(p for p in err["loc"] if isinstance(p, int) or ("[" not in p and p not in _TYPE_TAGS))
-    path = ".".join(str(p) for p in loc) or "recipe"
+    path = ".".join(str(p) for p in loc)
+    if not path:  # a whole-recipe check: its message names the keys itself
+        msg = err["msg"]
+        return msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg
     kind = err["type"]
     if kind == "extra_forbidden":
         parent = _model_at(loc[:-1])

@@ -51,11 +51,19 @@ def prepare_output_dir(recipe: Recipe) -> str | None:
     return None
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def training_arguments(recipe: Recipe):
     from transformers import TrainingArguments
 
     kwargs = recipe.train.training_arguments_kwargs()
     kwargs.update(output_dir=recipe.output.dir, remove_unused_columns=False)
+    kwargs.setdefault("disable_tqdm", False)  # a progress bar even when HF's log level is quiet
+    kwargs.setdefault("dataloader_pin_memory", _cuda_available())
     if recipe.method.is_zeroth_order:
         kwargs["max_grad_norm"] = 0.0  # no gradients to clip
         kwargs.setdefault("include_num_input_tokens_seen", "no")
