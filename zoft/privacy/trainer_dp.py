@@ -205,6 +205,7 @@ class PrivacyEngine:
         self.handle: FlashDPHandle | None = None
         self.planned_steps: int | None = None
         self._window_examples = 0
+        self._epsilons: dict[tuple[int, float], float] = {}
         if config.sampling == "shuffle":
             warnings.warn(SHUFFLE_WARNING, stacklevel=2)
 
@@ -349,7 +350,12 @@ class PrivacyEngine:
 
     def epsilon(self, steps: int) -> float:
         """Epsilon spent after ``steps`` noised optimizer steps."""
-        return epsilon_spent(self.sample_rate, self.noise_multiplier, int(steps), self.delta, self.config.accountant)
+        key = (int(steps), self.noise_multiplier)
+        if key not in self._epsilons:  # the accountant takes a while with fractional orders; ask once per step
+            self._epsilons[key] = epsilon_spent(
+                self.sample_rate, self.noise_multiplier, int(steps), self.delta, self.config.accountant
+            )
+        return self._epsilons[key]
 
     def update_logs(self, logs: dict, steps: int) -> None:
         # The pre-noise gradient norm is a function of the private data without noise: never log it.
