@@ -228,3 +228,24 @@ def test_empty_poisson_micro_batch_becomes_a_zero_row_batch_with_the_same_keys()
     assert set(empty) == {"input_ids", "attention_mask", "labels", EMPTY_BATCH_KEY}
     assert empty["input_ids"].shape[0] == 0 and empty["labels"].shape[0] == 0
     assert EMPTY_BATCH_KEY not in collate(rows)
+
+
+def test_per_sample_lm_loss_is_each_sequences_own_mean_token_loss(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from zoft.data.collate import CausalLMCollator
+    from zoft.privacy.trainer_dp import per_sample_losses
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    rows = [
+        {"input_ids": [11, 12, 13, 14, 15, 16], "labels": [-100, -100, 13, 14, 15, 16]},  # prompt masked
+        {"input_ids": [21, 22, 23], "labels": [21, 22, 23]},  # shorter: right-padded in the batch
+    ]
+    batch = CausalLMCollator(pad_token_id=0)(rows)
+    with torch.no_grad():
+        got = per_sample_losses(model, batch)
+        # Reference: HF's own loss of each sequence alone (the mean over its predicted tokens).
+        want = torch.stack([
+            model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss for r in rows
+        ])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
