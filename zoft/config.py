@@ -249,6 +249,93 @@ class MemorySection(Section):
         "of input rows for the backward pass; first-order methods only.",
     )
 
+# ---- privacy (issue 8) -------------------------------------------------------------------------
+
+
+class PrivacySection(Section):
+    """Differentially private training: FlashDP (first-order DP-SGD) or DPZero (zeroth-order).
+
+    See docs/privacy.md. The guarantee covers the trained weights (and a ZO run's trajectory
+    coefficients); it assumes Poisson sampling (``sampling: poisson``).
+    """
+
+    method: Literal["flashdp", "dpzero"] = Field(
+        description="flashdp: DP-SGD with per-layer per-sample clipping fused into the backward pass (needs "
+        "method adamw or sgd); dpzero: clip each example's zeroth-order projected-gradient scalar and add "
+        "noise to it (needs a zeroth-order method such as mezo)."
+    )
+    target_epsilon: float | None = Field(
+        None,
+        gt=0,
+        description="Privacy budget to meet at the end of training: the noise multiplier is computed from it "
+        "for the planned number of optimizer steps. Give this or noise_multiplier, not both.",
+    )
+    noise_multiplier: float | None = Field(
+        None,
+        ge=0,
+        description="sigma: noise std divided by the L2 sensitivity of one step's clipped sum (what the "
+        "accountant sees). The epsilon spent is reported. Give this or target_epsilon, not both.",
+    )
+    delta: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="delta of (epsilon, delta)-DP. Default: 1 / N^1.1 for N training examples (below 1/N, "
+        "the usual requirement).",
+    )
+    clip_bound: float | None = Field(
+        None,
+        gt=0,
+        description="flashdp: total L2 bound C on one example's gradient, split evenly over the L trainable "
+        "parameters (C_l = C / sqrt(L)); dpzero: the bound on one example's projected-gradient scalar.",
+    )
+    clip_bounds: dict[str, float] | None = Field(
+        None,
+        description="flashdp only: per-parameter bounds, parameter name (as in model.named_parameters(), "
+        "after peft wrapping) -> bound; must name every trainable parameter. Instead of clip_bound.",
+    )
+    sampling: Literal["poisson", "shuffle"] = Field(
+        "poisson",
+        description="poisson: each example joins each logical batch independently with probability "
+        "q = batch * accumulation / N, as the accountant assumes (batch sizes vary); shuffle: ordinary "
+        "fixed-size shuffled batches accounted with the same q, an approximation that is NOT a proven bound.",
+    )
+    accountant: Literal["rdp", "prv"] = Field(
+        "rdp", description="Opacus accountant for epsilon: rdp (Renyi DP, default) or prv (tighter, slower)."
+    )
+    path: Literal["auto", "explicit", "ghost"] = Field(
+        "auto",
+        description="flashdp: how per-sample norms of linear layers are computed. auto picks per layer "
+        "(ghost-norm when T^2 < d_in*d_out); explicit forms per-sample gradients in blocks; ghost uses "
+        "Gram matrices of activations and output gradients.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PrivacySection:
+        if (self.target_epsilon is None) == (self.noise_multiplier is None):
+            which = "both" if self.target_epsilon is not None else "neither"
+            raise ValueError(f"give exactly one of privacy.target_epsilon or privacy.noise_multiplier (got {which})")
+        if self.method == "flashdp":
+            if (self.clip_bound is None) == (self.clip_bounds is None):
+                which = "both" if self.clip_bound is not None else "neither"
+                raise ValueError(
+                    f"privacy method 'flashdp' needs exactly one of privacy.clip_bound or privacy.clip_bounds "
+                    f"(got {which})"
+                )
+            bad = sorted(k for k, v in (self.clip_bounds or {}).items() if not v > 0)
+            if bad:
+                raise ValueError(f"privacy.clip_bounds must be > 0 (not for: {', '.join(bad)})")
+        else:
+            if self.clip_bounds is not None:
+                raise ValueError(
+                    "privacy.clip_bounds is for flashdp; dpzero clips one scalar per example: use privacy.clip_bound"
+                )
+            if self.clip_bound is None:
+                raise ValueError("privacy method 'dpzero' needs privacy.clip_bound (the bound on each scalar)")
+            if self.path != "auto":
+                raise ValueError("privacy.path applies to flashdp only; drop it for dpzero")
+        return self
+
 
 class ReservedSection(Section):
     """A section reserved for a method family whose options are not available yet: any key is an error."""
@@ -264,7 +351,7 @@ class Recipe(Section):
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     memory: MemorySection | None = None
     offload: ReservedSection | None = None
-    privacy: ReservedSection | None = None
+    privacy: PrivacySection | None = None
     distributed: ReservedSection | None = None
 
     @model_validator(mode="after")
@@ -282,7 +369,41 @@ class Recipe(Section):
             # peft's prefix tuning builds its past_key_values outside any module forward that owns the
             # prefix parameters, which the ZO perturbation hooks rely on.
             raise ValueError("peft.method 'prefix_tuning' is not supported with a zeroth-order method; use lora")
+        privacy_problem = _privacy_combination_problem(self)  # issue 8
+        if privacy_problem:
+            raise ValueError(privacy_problem)
         return self
+
+
+def _privacy_combination_problem(recipe: Recipe) -> str | None:
+    """One line naming the keys when the privacy section does not fit the rest of the recipe."""
+    p = recipe.privacy
+    if p is None:
+        return None
+    if p.method == "flashdp" and recipe.method.is_zeroth_order:
+        return (
+            f"privacy.method 'flashdp' clips gradients, but method '{recipe.method.name}' is zeroth-order; "
+            "use privacy.method 'dpzero' or method adamw/sgd"
+        )
+    if p.method == "dpzero" and not recipe.method.is_zeroth_order:
+        return (
+            f"privacy.method 'dpzero' is for zeroth-order methods, but method '{recipe.method.name}' is "
+            "first-order; use privacy.method 'flashdp' or method mezo"
+        )
+    extra = recipe.train.model_extra or {}
+    if p.method == "flashdp" and float(extra.get("max_grad_norm") or 0) > 0:
+        return (
+            "train.max_grad_norm: global gradient clipping after per-sample clipping breaks the privacy "
+            "guarantee; drop it (zoft sets 0 with privacy)"
+        )
+    if p.method == "flashdp" and extra.get("fp16"):
+        return (
+            "train.fp16 with privacy.method 'flashdp': the fp16 loss scaler would scale gradients before "
+            "per-sample clipping; use bf16 or float32"
+        )
+    if recipe.peft is not None and recipe.peft.method == "prefix_tuning" and p.method == "flashdp":
+        return "peft.method 'prefix_tuning' has no per-sample clipping in flashdp; use lora"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,6 +67,10 @@ def training_arguments(recipe: Recipe):
     if recipe.method.is_zeroth_order:
         kwargs["max_grad_norm"] = 0.0  # no gradients to clip
         kwargs.setdefault("include_num_input_tokens_seen", "no")
+    if recipe.privacy is not None:  # issue 8: HF's global clipping would break the guarantee
+        kwargs["max_grad_norm"] = 0.0
+        if recipe.privacy.sampling == "shuffle":
+            kwargs["dataloader_drop_last"] = True  # fixed-size batches, as the accounting assumes
     if recipe.method.name == "sgd":
         kwargs.setdefault("optim", "sgd")
     elif recipe.method.name == "adamw":
@@ -123,6 +127,11 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
             distribution=recipe.method.distribution,
             master_weights=recipe.method.master_weights,
         )
+    privacy = None
+    if recipe.privacy is not None:
+        from zoft.privacy.trainer_dp import PrivacyConfig
+
+        privacy = PrivacyConfig(**recipe.privacy.model_dump())
     trajectory = None
     if zo is not None and recipe.output.save_trajectory:
         trajectory = str(Path(recipe.output.dir) / TRAJECTORY_FILE)
@@ -136,6 +145,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         compute_metrics=classification_accuracy if data.kind != "lm" else None,
         zo=zo,
         trajectory_path=trajectory,
+        privacy=privacy,
     )
 
 
@@ -174,6 +184,10 @@ def train(recipe: Recipe) -> dict:
         print(f"zoft: before training: {_summary(metrics['before'])}", flush=True)
     result = trainer.train(resume_from_checkpoint=resume_from)
     metrics["train"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    if trainer.privacy_report() is not None:
+        metrics["privacy"] = trainer.privacy_report()
+        print(f"zoft: privacy: epsilon {metrics['privacy']['epsilon']:.4g} at delta {metrics['privacy']['delta']:.3g}",
+              flush=True)
     if recipe.evaluation.after and trainer.eval_dataset is not None:
         metrics["after"] = _with_perplexity(trainer.evaluate())
         print(f"zoft: after training:  {_summary(metrics['after'])}", flush=True)

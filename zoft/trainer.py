@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -22,6 +23,9 @@ from zoft.zo.estimate import spsa
 from zoft.zo.mezo import MeZOConfig, MeZOOptimizer
 from zoft.zo.perturb import ZOParameters
 from zoft.zo.trajectory import TrajectoryWriter, trajectory_header
+
+if TYPE_CHECKING:
+    from zoft.privacy.trainer_dp import PrivacyConfig, PrivacyEngine
 
 
 def classification_accuracy(eval_pred) -> dict[str, float]:
@@ -37,11 +41,20 @@ class ZoftTrainer(Trainer):
     Args:
         zo: zeroth-order settings (:class:`zoft.zo.mezo.MeZOConfig`); ``None`` for first-order.
         trajectory_path: where to log (step, seed, projected gradient, lr); ``None`` to skip.
+        privacy: differential privacy (:class:`zoft.privacy.trainer_dp.PrivacyConfig`): FlashDP with a
+            first-order optimizer, DPZero with ``zo``; ``None`` for ordinary training.
         *args, **kwargs: as for ``transformers.Trainer``. Batches with ``cls_labels`` (from
             :class:`zoft.data.collate.VerbalizerCollator`) are scored by verbalizer words.
     """
 
-    def __init__(self, *args, zo: MeZOConfig | None = None, trajectory_path: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        zo: MeZOConfig | None = None,
+        trajectory_path: str | None = None,
+        privacy: PrivacyConfig | None = None,
+        **kwargs,
+    ):
         self.zo_config = zo
         self.trajectory_path = trajectory_path
         self._trajectory: TrajectoryWriter | None = None
@@ -49,6 +62,19 @@ class ZoftTrainer(Trainer):
         self.zo_params: ZOParameters | None = None
         super().__init__(*args, **kwargs)
         self.add_callback(CompleteCheckpointMarker())
+        # -- privacy (issue 8): all logic lives in zoft/privacy/trainer_dp.py
+        self.dp: PrivacyEngine | None = None
+        if privacy is not None:
+            from zoft.privacy.trainer_dp import PrivacyCallback, PrivacyEngine
+
+            self.dp = PrivacyEngine(
+                privacy,
+                num_samples=len(self.train_dataset),
+                micro_batch_size=self.args.per_device_train_batch_size,
+                accumulation=self.args.gradient_accumulation_steps,
+                n_directions=zo.n_directions if zo is not None else 1,
+            )
+            self.add_callback(PrivacyCallback(self.dp))
 
     # -- optimizer slot -------------------------------------------------------------------------
 
@@ -79,6 +105,8 @@ class ZoftTrainer(Trainer):
     # -- the ZO step ----------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.dp is not None:
+            return self.dp.training_step(self, model, inputs)
         if self.zo_config is None:
             return super().training_step(model, inputs, num_items_in_batch)
         inputs = self._prepare_inputs(inputs)
@@ -127,11 +155,22 @@ class ZoftTrainer(Trainer):
     # -- logging, evaluation, saving, resume -----------------------------------------------------
 
     def log(self, logs, start_time=None):
+        if self.dp is not None:
+            self.dp.update_logs(logs, self.state.global_step)
         if self._zo_window and "loss" in logs:
             g, lp, lm = (float(np.mean(col)) for col in zip(*self._zo_window))
             logs.update({"zo_projected_grad": g, "zo_loss_plus": lp, "zo_loss_minus": lm})
             self._zo_window = []
         super().log(logs, start_time)
+
+    def get_train_dataloader(self):
+        if self.dp is not None and self.dp.poisson:
+            return self.dp.train_dataloader(self.train_dataset, self.data_collator, self.args.dataloader_num_workers)
+        return super().get_train_dataloader()
+
+    def privacy_report(self) -> dict | None:
+        """Epsilon spent and the settings it depends on; None for a non-private run."""
+        return self.dp.report(self.state.global_step) if self.dp is not None else None
 
     def _flush_zo(self) -> None:
         if self.zo_optimizer is not None:
