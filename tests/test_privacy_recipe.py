@@ -30,12 +30,12 @@ def _minimal(**sections):
     [
         (
             {"method": "mezo", "privacy": FLASHDP},
-            "recipe: recipe: privacy.method 'flashdp' clips gradients, but method 'mezo' is zeroth-order; "
+            "recipe: privacy.method 'flashdp' clips gradients, but method 'mezo' is zeroth-order; "
             "use privacy.method 'dpzero' or method adamw/sgd",
         ),
         (
             {"method": "adamw", "privacy": DPZERO},
-            "recipe: recipe: privacy.method 'dpzero' is for zeroth-order methods, but method 'adamw' is "
+            "recipe: privacy.method 'dpzero' is for zeroth-order methods, but method 'adamw' is "
             "first-order; use privacy.method 'flashdp' or method mezo",
         ),
         (
@@ -61,12 +61,12 @@ def _minimal(**sections):
         ),
         (
             {"method": "adamw", "privacy": FLASHDP, "train": {"max_grad_norm": 1.0}},
-            "recipe: recipe: train.max_grad_norm: global gradient clipping after per-sample clipping breaks "
+            "recipe: train.max_grad_norm: global gradient clipping after per-sample clipping breaks "
             "the privacy guarantee; drop it (zoft sets 0 with privacy)",
         ),
         (
             {"method": "adamw", "privacy": FLASHDP, "train": {"fp16": True}},
-            "recipe: recipe: train.fp16 with privacy.method 'flashdp': the fp16 loss scaler would scale "
+            "recipe: train.fp16 with privacy.method 'flashdp': the fp16 loss scaler would scale "
             "gradients before per-sample clipping; use bf16 or float32",
         ),
         (
