@@ -150,3 +150,48 @@ def test_cuda_offload_matches_in_memory_mezo_on_cuda():
         assert r["coefficients"][0][1] == pytest.approx(o["coefficients"][0][1], rel=1e-3, abs=1e-4)
     for (n, a), b in zip(ref_model.state_dict().items(), off_model.state_dict().values()):
         assert torch.allclose(a.cpu(), b.cpu(), atol=1e-5), n
+
+
+# -- through the recipe and ZoftTrainer -------------------------------------------------------------
+
+
+def _recipe_run(tiny_llama_dir, sentiment_csv, out, **sections):
+    from conftest import tiny_recipe
+
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    recipe = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no"},
+                                         **sections))
+    run.prepare_output_dir(recipe)
+    trainer = run.build_trainer(recipe)
+    trainer.train()
+    return trainer
+
+
+def test_recipe_with_offload_trains_exactly_like_the_in_memory_recipe(tiny_llama_dir, sentiment_csv, tmp_path):
+    from zoft.zo.trajectory import read_trajectory
+
+    plain = _recipe_run(tiny_llama_dir, sentiment_csv, tmp_path / "plain")
+    off = _recipe_run(tiny_llama_dir, sentiment_csv, tmp_path / "off", offload={"device": "cpu"})
+    assert isinstance(off.zo_optimizer, DeferredMeZOOptimizer)
+    assert not off.zo_optimizer.has_deferred  # train() flushed the last step's update
+    ta = read_trajectory(tmp_path / "plain" / "trajectory.jsonl")[1]
+    tb = read_trajectory(tmp_path / "off" / "trajectory.jsonl")[1]
+    assert len(ta) == 4 and ta == tb
+    for (n, a), b in zip(plain.model.state_dict().items(), off.model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_offload_with_a_first_order_method_is_refused_in_one_line(tiny_llama_dir, sentiment_csv, tmp_path):
+    from conftest import tiny_recipe
+
+    from zoft.config import validate_recipe
+    from zoft.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path, method="adamw", offload="cpu"))
+    assert len(e.value.lines) == 1 and e.value.lines[0].endswith(
+        "offload: needs a zeroth-order method (method.name: mezo), not 'adamw'; "
+        "drop the offload section for first-order training"
+    )

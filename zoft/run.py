@@ -110,6 +110,14 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
             distribution=recipe.method.distribution,
             master_weights=recipe.method.master_weights,
         )
+    offloader = None
+    if recipe.offload is not None:  # ZO2: blocks to CPU memory before the trainer places the model
+        from zoft.zo.offload import OffloadConfig, attach_offload
+
+        o = recipe.offload
+        offloader = attach_offload(
+            model, OffloadConfig(o.device, o.compute_device, prefetch=o.prefetch, pin_memory=o.pin_memory)
+        )
     trajectory = None
     if zo is not None and recipe.output.save_trajectory:
         trajectory = str(Path(recipe.output.dir) / TRAJECTORY_FILE)
@@ -123,6 +131,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         compute_metrics=classification_accuracy if data.kind != "lm" else None,
         zo=zo,
         trajectory_path=trajectory,
+        offloader=offloader,
     )
 
 

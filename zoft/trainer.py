@@ -41,8 +41,19 @@ class ZoftTrainer(Trainer):
             :class:`zoft.data.collate.VerbalizerCollator`) are scored by verbalizer words.
     """
 
-    def __init__(self, *args, zo: MeZOConfig | None = None, trajectory_path: str | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        zo: MeZOConfig | None = None,
+        trajectory_path: str | None = None,
+        offloader=None,
+        distributed=None,
+        **kwargs,
+    ):
         self.zo_config = zo
+        # ZO2 (zoft.zo.offload.BlockOffloader) and DistZO2 (zoft.zo.distributed.DistZOConfig); None: off.
+        self.offloader = offloader
+        self.zo_distributed = distributed
         self.trajectory_path = trajectory_path
         self._trajectory: TrajectoryWriter | None = None
         self._zo_window: list[tuple[float, float, float]] = []
@@ -61,12 +72,18 @@ class ZoftTrainer(Trainer):
             self.zo_params = ZOParameters(
                 self.model, seed, distribution=cfg.distribution, master_weights=cfg.master_weights
             )
-            self.optimizer = MeZOOptimizer(
+            opt_cls, extra = MeZOOptimizer, {}
+            if self.offloader is not None:  # ZO2: the update is applied while each block is resident
+                from zoft.zo.offload import DeferredMeZOOptimizer
+
+                opt_cls, extra = DeferredMeZOOptimizer, {"offloader": self.offloader}
+            self.optimizer = opt_cls(
                 self.zo_params,
                 lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
                 n_directions=cfg.n_directions,
                 on_update=self._log_update,
+                **extra,
             )
         return self.optimizer
 
@@ -158,7 +175,9 @@ class ZoftTrainer(Trainer):
             )
             self._trajectory = TrajectoryWriter(self.trajectory_path, header, resume_step=resume_step)
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._flush_zo()  # a deferred (ZO2) update of the last step lands before anyone reads the model
+            return result
         finally:
             if self._trajectory is not None:
                 self._trajectory.close()
