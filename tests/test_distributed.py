@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distzo_worker import GLOBAL_BATCH, tiny, train
+from distzo_worker import tiny, train
 
 from zoft.errors import ZoftError
 from zoft.zo.distributed import DistZO, DistZOConfig, PertPSampler, resolve_layout
@@ -83,4 +83,34 @@ def test_pertp_sampler_gives_partner_ranks_the_same_batch_under_round_robin_shar
     assert not set(sum(per_rank[0], [])) & set(sum(per_rank[2], []))  # DP shards are disjoint
     assert sorted(sum(per_rank[0] + per_rank[2], [])) == sorted(torch.randperm(14, generator=torch.Generator()
                                                                                .manual_seed(5)).tolist()[:12])
-    assert GLOBAL_BATCH % 2 == 0
+    for r in range(world):  # the sampler's own sharding (for loaders nobody shards) gives the same batches
+        own = list(PertPSampler(14, bs, pp, seed=5, shard=(r, world)))
+        assert [own[i : i + bs] for i in range(0, len(own), bs)] == per_rank[r]
+
+
+def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_llama_dir, sentiment_csv, tmp_path):
+    from conftest import tiny_recipe
+
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    def recipe(out, **sections):
+        return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
+                           **sections)
+
+    single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
+    run.prepare_output_dir(single)
+    trainer = run.build_trainer(single)  # a 1-process DistZO with the PertP-ordered sampler's layout
+    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    trainer.train()
+    path = tmp_path / "pertp.json"
+    path.write_text(json.dumps(recipe(str(tmp_path / "two"), distributed={"perturbation_parallel": 2,
+                                                                           "checksum_steps": 1})))
+    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt")])
+    two = torch.load(tmp_path / "two.pt")
+    from zoft.zo.trajectory import read_trajectory
+
+    assert read_trajectory(tmp_path / "one" / "trajectory.jsonl")[1] == read_trajectory(
+        tmp_path / "two" / "trajectory.jsonl")[1]
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), two[n]), n

@@ -118,6 +118,13 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         offloader = attach_offload(
             model, OffloadConfig(o.device, o.compute_device, prefetch=o.prefetch, pin_memory=o.pin_memory)
         )
+    distributed = None
+    if recipe.distributed is not None:  # DistZO2; args.device sets up the process group under torchrun
+        from zoft.zo.distributed import DistZO, DistZOConfig
+
+        _ = args.device
+        d = recipe.distributed
+        distributed = DistZO(DistZOConfig(d.perturbation_parallel, d.data_parallel, d.checksum_steps))
     trajectory = None
     if zo is not None and recipe.output.save_trajectory:
         trajectory = str(Path(recipe.output.dir) / TRAJECTORY_FILE)
@@ -132,6 +139,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         zo=zo,
         trajectory_path=trajectory,
         offloader=offloader,
+        distributed=distributed,
     )
 
 

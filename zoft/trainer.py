@@ -101,8 +101,12 @@ class ZoftTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         was_training = model.training
         model.eval()  # dropout off: both forwards must see the same function
+        estimator = spsa
+        if self.zo_distributed is not None:  # DistZO2: scalars only, so DDP's forward wrapper is bypassed
+            estimator = self.zo_distributed.spsa
+            model = getattr(model, "module", model)
         try:
-            estimates = spsa(
+            estimates = estimator(
                 self.zo_params,
                 lambda: self.compute_loss(model, inputs),
                 step=self.state.global_step,
@@ -117,6 +121,20 @@ class ZoftTrainer(Trainer):
             self._zo_window.append((e.projected_grad, e.loss_plus, e.loss_minus))
         loss = sum((e.loss_plus + e.loss_minus) / 2 for e in estimates) / len(estimates)
         return torch.tensor(loss * weight, device=self.args.device)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        d = self.zo_distributed
+        if d is not None and d.world_size > 1:
+            # PertP: the +eps and -eps ranks of a data-parallel index must see the same batch; DP
+            # indices disjoint shards. accelerate shards round-robin when it runs distributed (GPU);
+            # under torchrun on CPU it runs each rank alone, and the sampler shards itself.
+            from zoft.zo.distributed import PertPSampler
+
+            shard = None if self.accelerator.num_processes == d.world_size else (d.rank, d.world_size)
+            return PertPSampler(
+                len(self.train_dataset), self.args.per_device_train_batch_size, d.pp, self.args.seed, shard=shard
+            )
+        return super()._get_train_sampler(*args, **kwargs)
 
     def _log_update(self, record: dict) -> None:
         if self._trajectory is not None and self.is_world_process_zero():

@@ -157,12 +157,14 @@ class DistZO:
 
 
 class PertPSampler(torch.utils.data.Sampler):
-    """Yields each chunk of ``batch_size`` indices ``repeats`` times in a row.
+    """Yields each chunk of ``batch_size`` indices ``repeats`` times in a row, optionally sharded.
 
     accelerate shards a DataLoader's batches round-robin over ranks (batch i to rank i mod world);
     with each batch repeated ``perturbation_parallel`` times, ranks ``d*pp .. d*pp+pp-1`` receive
     the same batch and data-parallel index d the d-th batch of each group, as :class:`DistZO` needs.
-    The order is a seeded permutation (``seed + epoch``), identical on every rank.
+    Where nothing shards the loader (HF Trainer under torchrun on CPU runs each rank as a single
+    process), ``shard=(rank, world_size)`` applies the same round-robin here. The order is a seeded
+    permutation (``seed + epoch``), identical on every rank.
 
     Args:
         n: dataset length.
@@ -170,17 +172,30 @@ class PertPSampler(torch.utils.data.Sampler):
         repeats: perturbation_parallel.
         seed: the run seed.
         shuffle: permute the indices each epoch.
+        shard: ``(rank, world_size)`` to keep only this rank's batches; ``None``: all batches.
     """
 
-    def __init__(self, n: int, batch_size: int, repeats: int, seed: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        repeats: int,
+        seed: int,
+        shuffle: bool = True,
+        shard: tuple[int, int] | None = None,
+    ) -> None:
         self.n, self.batch_size, self.repeats, self.seed, self.shuffle = n, batch_size, repeats, seed, shuffle
+        self.rank, self.world = shard if shard is not None else (0, 1)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def _n_batches(self) -> int:
+        return (self.n // self.batch_size) * self.repeats // self.world
+
     def __len__(self) -> int:
-        return (self.n // self.batch_size) * self.batch_size * self.repeats
+        return self._n_batches() * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -188,7 +203,10 @@ class PertPSampler(torch.utils.data.Sampler):
         else:
             order = list(range(self.n))
         # A last, short chunk would shift the batch boundaries of the repeats: dropped (like drop_last).
-        for start in range(0, self.n - self.batch_size + 1, self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            for _ in range(self.repeats):
-                yield from chunk
+        batches = [
+            order[start : start + self.batch_size]
+            for start in range(0, self.n - self.batch_size + 1, self.batch_size)
+            for _ in range(self.repeats)
+        ]
+        for batch in batches[self.rank :: self.world][: self._n_batches()]:
+            yield from batch
