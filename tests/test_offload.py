@@ -195,3 +195,12 @@ def test_offload_with_a_first_order_method_is_refused_in_one_line(tiny_llama_dir
         "offload: needs a zeroth-order method (method.name: mezo), not 'adamw'; "
         "drop the offload section for first-order training"
     )
+
+
+def test_offload_refuses_a_model_larger_than_cpu_memory_and_says_how_much_is_needed():
+    from zoft.zo.offload import check_cpu_memory
+
+    check_cpu_memory(10 * 1024**3, 11 * 1024**3)
+    with pytest.raises(ZoftError, match=r"^offload: the model needs about 26\.0 GiB of CPU memory for its weights, "
+                                        r"only 16\.0 GiB is available; use model.dtype: bfloat16"):
+        check_cpu_memory(26 * 1024**3, 16 * 1024**3)

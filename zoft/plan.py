@@ -245,13 +245,8 @@ def render(
     return "\n".join(lines)
 
 
-def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = None) -> str:
-    """The ``zoft plan`` text for a validated recipe (``zoft.config.Recipe``).
-
-    Args:
-        recipe: the recipe.
-        gpu_free, cpu_free: override the measured free memory (bytes), e.g. to plan for another machine.
-    """
+def shape_of_recipe(recipe, lora: dict | None = None) -> ModelShape:
+    """:func:`model_shape` of the recipe's model (config only, no weights)."""
     from transformers import AutoConfig
 
     from zoft.models import resolve_model_name
@@ -260,10 +255,21 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
     config = AutoConfig.from_pretrained(
         resolve_model_name(m.name), revision=m.revision, trust_remote_code=m.trust_remote_code
     )
+    return model_shape(config, task=m.task, lora=lora)
+
+
+def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = None) -> str:
+    """The ``zoft plan`` text for a validated recipe (``zoft.config.Recipe``).
+
+    Args:
+        recipe: the recipe.
+        gpu_free, cpu_free: override the measured free memory (bytes), e.g. to plan for another machine.
+    """
+    m = recipe.model
     lora_cfg = None
     if recipe.peft is not None and recipe.peft.method == "lora":
         lora_cfg = {"r": recipe.peft.r, "target_modules": recipe.peft.target_modules}
-    shape = model_shape(config, task=m.task, lora=lora_cfg or {"r": 8})
+    shape = shape_of_recipe(recipe, lora=lora_cfg or {"r": 8})
     device, measured_gpu, measured_cpu = available_memory()
     cuda = torch.cuda.is_available()
     gpu_free = measured_gpu if gpu_free is None else gpu_free

@@ -100,6 +100,11 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
     from zoft.zo.mezo import MeZOConfig
 
     args = training_arguments(recipe)
+    if recipe.offload is not None:  # ZO2: the whole model must fit in CPU memory; say so before loading it
+        from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
+        from zoft.zo.offload import check_cpu_memory
+
+        check_cpu_memory(shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype], _cpu_available())
     model, tokenizer = build_model_and_tokenizer(recipe)
     data = build_datasets(recipe.data, tokenizer, recipe.model.task)
     zo = None

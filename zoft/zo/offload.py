@@ -284,6 +284,21 @@ class BlockOffloader:
         self.synchronize()
 
 
+def check_cpu_memory(needed_bytes: int, available_bytes: int) -> None:
+    """Refuse to offload a model whose stored blocks do not fit in CPU memory.
+
+    Raises:
+        ZoftError: one line with the memory needed and available.
+    """
+    if needed_bytes > available_bytes:
+        gib = 1024**3
+        raise ZoftError(
+            f"offload: the model needs about {needed_bytes / gib:.1f} GiB of CPU memory for its weights, "
+            f"only {available_bytes / gib:.1f} GiB is available; use model.dtype: bfloat16, "
+            "a machine with more memory, or a smaller model"
+        )
+
+
 def attach_offload(model: nn.Module, config: OffloadConfig) -> BlockOffloader:
     """Offload ``model``'s transformer blocks as ``config`` says; returns the offloader.
 
