@@ -1,4 +1,4 @@
-"""``zoft`` command line: ``train``, ``validate``, ``replay``. Thin: parse, load the recipe, call run."""
+"""``zoft`` command line: ``train``, ``validate``, ``plan``, ``replay``. Thin: parse, load the recipe, call run."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("recipe", help="recipe YAML file")
         s.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.learning_rate=1e-6 train.max_steps=20")
+    pl = sub.add_parser("plan", help="estimate peak GPU/CPU memory of a recipe (no weights loaded) and say if it fits")
+    pl.add_argument("recipe", help="recipe YAML file")
+    pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.per_device_train_batch_size=4")
     r = sub.add_parser("replay", help="rebuild a zeroth-order run's model from its base model and trajectory")
     r.add_argument("run_dir", help="the run's output folder (has recipe.yaml and trajectory.jsonl)")
     r.add_argument("--out", required=True, help="folder for the rebuilt model")
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "train":
             recipe = config.load_recipe(args.recipe, args.overrides)
             run.train(recipe)
+        elif args.command == "plan":
+            from zoft.plan import plan_recipe
+
+            print(plan_recipe(config.load_recipe(args.recipe, args.overrides)))
         elif args.command == "replay":
             n = run.replay(args.run_dir, args.out)
             print(f"zoft: replayed {n} steps into {args.out}")

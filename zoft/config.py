@@ -337,6 +337,49 @@ class PrivacySection(Section):
         return self
 
 
+# --- ZO2 offload / DistZO2 sections (zoft/zo/offload.py, zoft/zo/distributed.py) -------------
+
+
+class OffloadSection(Section):
+    """ZO2: keep the transformer blocks in CPU memory and stream them through the GPU (ZO only)."""
+
+    device: Literal["cpu"] = Field("cpu", description="Where blocks live between their forwards.")
+    compute_device: str | None = Field(
+        None, description="Where blocks compute; default cuda when available, else cpu (same code path, no saving)."
+    )
+    prefetch: bool = Field(True, description="Upload block i+1 on a side CUDA stream while block i computes.")
+    pin_memory: bool | None = Field(None, description="Pin stored blocks for asynchronous uploads; default: on CUDA.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_device(cls, v: Any) -> Any:
+        return {"device": v} if isinstance(v, str) else v
+
+
+class DistributedSection(Section):
+    """DistZO2: ZO training over several processes (torchrun / accelerate launch); only scalars cross ranks."""
+
+    perturbation_parallel: int = Field(
+        1, description="Ranks per perturbation group: 2 runs the +eps and -eps forwards on two ranks (PertP); 1: off."
+    )
+    data_parallel: int | None = Field(
+        None, description="Ranks that split each batch; default: world size / perturbation_parallel."
+    )
+    checksum_steps: int = Field(
+        50, ge=0, description="Every N steps all ranks compare a float64 checksum of the trained weights (0: never)."
+    )
+
+    @field_validator("perturbation_parallel")
+    @classmethod
+    def _one_or_two(cls, v: int) -> int:
+        if v not in (1, 2):
+            raise ValueError("must be 1 (off) or 2 (the +eps and -eps forwards on two ranks)")
+        return v
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 class ReservedSection(Section):
     """A section reserved for a method family whose options are not available yet: any key is an error."""
 
@@ -350,9 +393,9 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     evaluation: EvaluationSection = Field(default_factory=EvaluationSection)
     memory: MemorySection | None = None
-    offload: ReservedSection | None = None
+    offload: OffloadSection | None = None
     privacy: PrivacySection | None = None
-    distributed: ReservedSection | None = None
+    distributed: DistributedSection | None = None
 
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
@@ -372,6 +415,13 @@ class Recipe(Section):
         privacy_problem = _privacy_combination_problem(self)  # issue 8
         if privacy_problem:
             raise ValueError(privacy_problem)
+        # ZO2 / DistZO2 rely on the ZO step (no backward, scalar-only exchange).
+        for key in ("offload", "distributed"):
+            if getattr(self, key) is not None and not self.method.is_zeroth_order:
+                raise ValueError(
+                    f"{key}: needs a zeroth-order method (method.name: mezo), not '{self.method.name}'; "
+                    f"drop the {key} section for first-order training"
+                )
         return self
 
 

@@ -117,6 +117,11 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
     from zoft.zo.mezo import MeZOConfig
 
     args = training_arguments(recipe)
+    if recipe.offload is not None:  # ZO2: the whole model must fit in CPU memory; say so before loading it
+        from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
+        from zoft.zo.offload import check_cpu_memory
+
+        check_cpu_memory(shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype], _cpu_available())
     model, tokenizer = build_model_and_tokenizer(recipe)
     data = build_datasets(recipe.data, tokenizer, recipe.model.task)
     zo = None
@@ -132,6 +137,21 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         from zoft.privacy.trainer_dp import PrivacyConfig
 
         privacy = PrivacyConfig(**recipe.privacy.model_dump())
+    offloader = None
+    if recipe.offload is not None:  # ZO2: blocks to CPU memory before the trainer places the model
+        from zoft.zo.offload import OffloadConfig, attach_offload
+
+        o = recipe.offload
+        offloader = attach_offload(
+            model, OffloadConfig(o.device, o.compute_device, prefetch=o.prefetch, pin_memory=o.pin_memory)
+        )
+    distributed = None
+    if recipe.distributed is not None:  # DistZO2; args.device sets up the process group under torchrun
+        from zoft.zo.distributed import DistZO, DistZOConfig
+
+        _ = args.device
+        d = recipe.distributed
+        distributed = DistZO(DistZOConfig(d.perturbation_parallel, d.data_parallel, d.checksum_steps))
     trajectory = None
     if zo is not None and recipe.output.save_trajectory:
         trajectory = str(Path(recipe.output.dir) / TRAJECTORY_FILE)
@@ -146,6 +166,8 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         zo=zo,
         trajectory_path=trajectory,
         privacy=privacy,
+        offloader=offloader,
+        distributed=distributed,
     )
 
 

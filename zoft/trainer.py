@@ -53,9 +53,14 @@ class ZoftTrainer(Trainer):
         zo: MeZOConfig | None = None,
         trajectory_path: str | None = None,
         privacy: PrivacyConfig | None = None,
+        offloader=None,
+        distributed=None,
         **kwargs,
     ):
         self.zo_config = zo
+        # ZO2 (zoft.zo.offload.BlockOffloader) and DistZO2 (zoft.zo.distributed.DistZOConfig); None: off.
+        self.offloader = offloader
+        self.zo_distributed = distributed
         self.trajectory_path = trajectory_path
         self._trajectory: TrajectoryWriter | None = None
         self._zo_window: list[tuple[float, float, float]] = []
@@ -87,12 +92,18 @@ class ZoftTrainer(Trainer):
             self.zo_params = ZOParameters(
                 self.model, seed, distribution=cfg.distribution, master_weights=cfg.master_weights
             )
-            self.optimizer = MeZOOptimizer(
+            opt_cls, extra = MeZOOptimizer, {}
+            if self.offloader is not None:  # ZO2: the update is applied while each block is resident
+                from zoft.zo.offload import DeferredMeZOOptimizer
+
+                opt_cls, extra = DeferredMeZOOptimizer, {"offloader": self.offloader}
+            self.optimizer = opt_cls(
                 self.zo_params,
                 lr=self.args.learning_rate,
                 weight_decay=self.args.weight_decay,
                 n_directions=cfg.n_directions,
                 on_update=self._log_update,
+                **extra,
             )
         return self.optimizer
 
@@ -112,8 +123,12 @@ class ZoftTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         was_training = model.training
         model.eval()  # dropout off: both forwards must see the same function
+        estimator = spsa
+        if self.zo_distributed is not None:  # DistZO2: scalars only, so DDP's forward wrapper is bypassed
+            estimator = self.zo_distributed.spsa
+            model = getattr(model, "module", model)
         try:
-            estimates = spsa(
+            estimates = estimator(
                 self.zo_params,
                 lambda: self.compute_loss(model, inputs),
                 step=self.state.global_step,
@@ -128,6 +143,20 @@ class ZoftTrainer(Trainer):
             self._zo_window.append((e.projected_grad, e.loss_plus, e.loss_minus))
         loss = sum((e.loss_plus + e.loss_minus) / 2 for e in estimates) / len(estimates)
         return torch.tensor(loss * weight, device=self.args.device)
+
+    def _get_train_sampler(self, *args, **kwargs):
+        d = self.zo_distributed
+        if d is not None and d.world_size > 1:
+            # PertP: the +eps and -eps ranks of a data-parallel index must see the same batch; DP
+            # indices disjoint shards. accelerate shards round-robin when it runs distributed (GPU);
+            # under torchrun on CPU it runs each rank alone, and the sampler shards itself.
+            from zoft.zo.distributed import PertPSampler
+
+            shard = None if self.accelerator.num_processes == d.world_size else (d.rank, d.world_size)
+            return PertPSampler(
+                len(self.train_dataset), self.args.per_device_train_batch_size, d.pp, self.args.seed, shard=shard
+            )
+        return super()._get_train_sampler(*args, **kwargs)
 
     def _log_update(self, record: dict) -> None:
         if self._trajectory is not None and self.is_world_process_zero():
@@ -197,7 +226,9 @@ class ZoftTrainer(Trainer):
             )
             self._trajectory = TrajectoryWriter(self.trajectory_path, header, resume_step=resume_step)
         try:
-            return super().train(resume_from_checkpoint, *args, **kwargs)
+            result = super().train(resume_from_checkpoint, *args, **kwargs)
+            self._flush_zo()  # a deferred (ZO2) update of the last step lands before anyone reads the model
+            return result
         finally:
             if self._trajectory is not None:
                 self._trajectory.close()

@@ -1,0 +1,163 @@
+"""ZO2 offload and DistZO2 ranks vs in-memory MeZO: peak memory and training tokens/s.
+
+Each configuration runs in a fresh process (torchrun for 2 ranks) on the packaged SmolLM2-135M
+(30 blocks), random token batches of --batch x --seq, --steps MeZO steps after one warm-up step.
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process high-water mark
+(VmHWM, reset after loading), per rank. On a CPU-only machine "offload" copies blocks CPU->CPU:
+it measures the code path's overhead only; the upload/compute overlap and the GPU saving need CUDA.
+
+    PYTHONPATH=$PWD python scripts/bench_zo2.py [--steps 3] [--batch 8] [--seq 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _hwm_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def _hwm() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    from zoft import assets
+    from zoft.zo.distributed import DistZO, DistZOConfig
+    from zoft.zo.estimate import spsa
+    from zoft.zo.mezo import MeZOOptimizer
+    from zoft.zo.offload import BlockOffloader, DeferredMeZOOptimizer
+    from zoft.zo.perturb import ZOParameters
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    cuda = torch.cuda.is_available()
+    distributed = "RANK" in os.environ
+    if distributed:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(dist.get_rank())
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    model = AutoModelForCausalLM.from_pretrained(assets.model_asset_path("smollm2-135m")).eval()
+    offloader = None
+    if args.config == "offload":
+        offloader = BlockOffloader(model, device, "cpu")
+    else:
+        model.to(device)
+    zo = ZOParameters(model, run_seed=0)
+    if offloader is not None:
+        opt = DeferredMeZOOptimizer(zo, lr=1e-7, offloader=offloader)
+    else:
+        opt = MeZOOptimizer(zo, lr=1e-7)
+    dzo = DistZO(DistZOConfig(perturbation_parallel=args.pp, checksum_steps=0)) if distributed else None
+    g = torch.Generator().manual_seed(0)
+    per_rank = args.batch // (dzo.dp if dzo else 1)
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=g)
+    if dzo:
+        ids = ids[dzo.dp_index * per_rank : (dzo.dp_index + 1) * per_rank]
+    ids = ids.to(device)
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        _hwm_reset()
+    estimator = dzo.spsa if dzo else spsa
+    for step in range(args.steps + 1):
+        if step == 1:  # the first step warms up allocators and caches
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        for e in estimator(zo, lambda: model(input_ids=ids, labels=ids).loss, step=step, eps=1e-3):
+            opt.record(step, e)
+        opt.step()
+    opt.flush()
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if cuda else _hwm()
+    rank = dist.get_rank() if distributed else 0
+    result = {"rank": rank, "seconds": elapsed, "peak": peak, "tokens_per_s": args.steps * args.batch * args.seq / elapsed}
+    if offloader is not None:
+        result["uploads"] = offloader.uploads
+    with open(f"{args.out}.{rank}.json", "w") as fh:
+        json.dump(result, fh)
+    if distributed:
+        del model, opt, zo
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def run_config(name, args, nproc=1, pp=1):
+    out = f"/tmp/bench_zo2_{os.getpid()}_{name.replace(' ', '_')}"
+    base = [__file__, "--worker", "--config", "offload" if "offload" in name else "plain", "--pp", str(pp),
+            "--out", out, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
+    if nproc > 1:
+        env["BENCH_THREADS"] = "1"  # two ranks share the cores one process used
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), *base]
+    else:
+        cmd = [sys.executable, *base]
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+    return [json.load(open(f"{out}.{r}.json")) for r in range(nproc)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true")
+    p.add_argument("--config", default="plain")
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--out", default="/tmp/bench_zo2")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--skip-ranks", action="store_true", help="only in-memory vs offload")
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    print(f"command: {' '.join(sys.argv)}\ndevice: {device}; torch {torch.__version__}; "
+          f"SmolLM2-135M fp32, global batch {args.batch} x {args.seq} tokens, {args.steps} timed MeZO steps\n")
+    rows = [("MeZO in memory", run_config("plain", args))]
+    rows.append(("ZO2 offload", run_config("offload", args)))
+    if not args.skip_ranks:
+        rows.append(("DistZO2 PertP, 2 ranks", run_config("pertp", args, nproc=2, pp=2)))
+        rows.append(("DistZO2 DP, 2 ranks", run_config("dp", args, nproc=2, pp=1)))
+    base = rows[0][1][0]
+    mem = "GPU peak allocated" if cuda else "peak RSS per rank"
+    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory |")
+    print("|---|---:|---:|---:|---:|")
+    for name, results in rows:
+        tps = results[0]["tokens_per_s"]
+        peak = max(r["peak"] for r in results)
+        print(f"| {name} | {tps:.0f} | {tps / base['tokens_per_s']:.2f} | {peak / 2**20:.0f} | {peak / base['peak']:.2f} |")
+    if not cuda:
+        print("\nCPU only: offload copies blocks CPU->CPU, so its row is the code path's overhead; the "
+              "upload/compute overlap and the GPU memory saving cannot be measured here. The 2-rank rows "
+              "share the same cores as the 1-process row (1 thread per rank instead of 2).")
+
+
+if __name__ == "__main__":
+    main()

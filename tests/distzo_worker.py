@@ -1,0 +1,75 @@
+"""Run by tests/test_distributed.py under `torchrun --nproc_per_node N`: DistZO2 on a tiny Llama."""
+
+import gc
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zoft.zo.distributed import DistZO, DistZOConfig
+from zoft.zo.mezo import MeZOOptimizer
+from zoft.zo.perturb import ZOParameters
+
+STEPS, GLOBAL_BATCH, VOCAB = 3, 4, 101
+
+
+def tiny():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (GLOBAL_BATCH, 10), generator=g) for _ in range(STEPS)]
+
+
+def train(dzo: DistZO, model):
+    zo = ZOParameters(model, run_seed=3)
+    log = []
+    opt = MeZOOptimizer(zo, lr=1e-2, on_update=log.append)
+    shard = GLOBAL_BATCH // dzo.dp
+    for step, ids in enumerate(data()):
+        mine = ids[dzo.dp_index * shard : (dzo.dp_index + 1) * shard]
+        for e in dzo.spsa(zo, lambda mine=mine: model(input_ids=mine, labels=mine).loss, step=step, eps=1e-2):
+            opt.record(step, e)
+        opt.step()
+    return zo, log
+
+
+def main():
+    mode, pp, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dzo = DistZO(DistZOConfig(perturbation_parallel=pp, checksum_steps=1))
+    model = tiny()
+    result = {}
+    if mode == "train":
+        zo, log = train(dzo, model)
+        dzo.check_in_sync(zo, STEPS)
+        result = {"log": log, "scalars_sent": dzo.scalars_sent}
+        if rank == 0:
+            torch.save(model.state_dict(), out + ".pt")
+    elif mode == "diverge":
+        zo = ZOParameters(model, run_seed=3)
+        if rank == 1:
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight[0, 0] += 1e-6
+        try:
+            dzo.check_in_sync(zo, 7)
+            result = {"raised": None}
+        except RuntimeError as e:
+            result = {"raised": str(e)}
+    with open(f"{out}.{rank}.json", "w") as fh:
+        json.dump(result, fh)
+    del model
+    gc.collect()  # see ASSETS.md: gloo runs can abort at exit without this before destroy_process_group
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

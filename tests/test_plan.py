@@ -1,0 +1,74 @@
+"""`zoft plan`: exact weight/adapter counts from the meta device, and the fit/recommendation text."""
+
+import torch
+import yaml
+from conftest import tiny_recipe
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zoft.plan import estimate, model_shape
+
+CFG = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+           num_key_value_heads=1, tie_word_embeddings=True)
+
+
+def test_meta_device_counts_equal_the_materialized_model():
+    from peft import LoraConfig, get_peft_model
+
+    shape = model_shape(LlamaConfig(**CFG), lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
+    torch.manual_seed(0)
+    real = LlamaForCausalLM(LlamaConfig(**CFG))
+    params = list(real.parameters())  # tied embedding / head once
+    assert shape.total_params == sum(p.numel() for p in params)
+    assert shape.block_params == sum(p.numel() for p in real.model.layers.parameters())
+    assert shape.largest_block_params == sum(p.numel() for p in real.model.layers[0].parameters())
+    est = estimate(shape, method="mezo", lora=False, offload=False, batch=2, seq=16)
+    assert est.gpu["weights"] == sum(p.numel() * p.element_size() for p in params)
+    peft_model = get_peft_model(real, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert shape.lora_params == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+def test_offload_moves_block_weights_to_cpu_and_adamw_adds_gradients_and_state():
+    shape = model_shape(LlamaConfig(**CFG))
+    common = dict(batch=2, seq=16, lora=False)
+    plain = estimate(shape, method="mezo", offload=False, **common)
+    off = estimate(shape, method="mezo", offload=True, **common)
+    adam = estimate(shape, method="adamw", offload=False, **common)
+    n, blocks, one = shape.total_params, shape.block_params, shape.largest_block_params
+    assert off.gpu["weights"] == (n - blocks + 2 * one) * 4  # resident parts + computing + prefetched block
+    assert off.cpu["weights (offloaded blocks)"] == blocks * 4
+    assert adam.gpu["gradients"] == 4 * n and adam.gpu["optimizer state"] == 8 * n
+    assert adam.gpu["activations"] > plain.gpu["activations"]  # stored for backward vs one block's worth
+    bf16 = estimate(shape, method="mezo", offload=True, dtype="bfloat16", **common)
+    assert bf16.cpu["fp32 masters"] == 4 * n and bf16.cpu["weights (offloaded blocks)"] == 2 * blocks
+
+
+def test_plan_refuses_the_in_memory_setting_and_recommends_offload_when_only_that_fits():
+    from zoft.plan import render
+
+    big = LlamaConfig(**{**CFG, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 16,
+                         "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 1000})
+    shape = model_shape(big, lora={"r": 8, "target_modules": ["q_proj", "v_proj"]})
+    common = dict(batch=1, seq=64)
+    chosen = estimate(shape, method="mezo", lora=False, offload=False, **common)
+    alts = [chosen, estimate(shape, method="mezo", lora=False, offload=True, **common),
+            estimate(shape, method="adamw", lora=False, offload=False, **common)]
+    gpu_free = (chosen.gpu_total + alts[1].gpu_total) // 2  # between the offloaded and the full footprint
+    text = render(chosen, alts, device="test GPU", gpu_free=gpu_free, cpu_free=64 * 1024**3, cuda=True)
+    need = f"{chosen.gpu_total / 1024**3:.2f}"
+    assert f"verdict: mezo full does not fit (needs about {need} GiB)" in text
+    assert "recommendation: mezo full + offload fits: add `offload: cpu` to the recipe" in text
+    assert "| mezo full + offload |" in text and "| yes |" in text
+    # CPU-only: blocks "offloaded" to the same memory save nothing, so nothing is recommended there.
+    cpu_text = render(chosen, alts, device="cpu", gpu_free=gpu_free, cpu_free=gpu_free, cuda=False)
+    assert "recommendation: none of these settings fits" in cpu_text
+
+
+def test_cli_plan_prints_the_table(tiny_llama_dir, sentiment_csv, tmp_path, capsys):
+    from zoft.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "out")))
+    assert main(["plan", str(path), "offload=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("zoft plan: mezo full + offload")
+    assert "| mezo + LoRA |" in out and "| adamw full |" in out

@@ -1,0 +1,416 @@
+"""ZO2 offloading: transformer blocks live in CPU memory and stream through the compute device.
+
+Paper: "ZO2: Scalable Zeroth-Order Fine-Tuning for Extremely Large Language Models with Limited GPU
+Memory" (Wang et al., 2025), https://arxiv.org/abs/2503.12668. Only one or two blocks (the one
+computing and the one being prefetched on a side CUDA stream) occupy GPU memory at a time;
+embeddings, the final norm and the head stay resident. Because a ZO step has no backward pass, a
+block is needed only during its forward, so GPU weight memory drops from the whole model to about
+two blocks. The ZO update of step t is deferred (:class:`DeferredMeZOOptimizer`) and applied to
+each block while it is resident for step t+1's first forward, so updating costs no extra transfer.
+
+The hooks are generic: blocks are found as the largest ``nn.ModuleList`` of identical modules
+(``model.model.layers``, ``transformer.h``, ``model.decoder.layers``, ...), with no per-model copy
+of the forward code. On a CPU-only machine "offloading to the same device" runs the same code path
+(real copies instead of transfers, no streams), which is what the CPU tests check bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from zoft.errors import ZoftError
+from zoft.zo.mezo import MeZOOptimizer
+from zoft.zo.perturb import ZOParameters
+
+
+@dataclass
+class OffloadConfig:
+    """Settings of ZO2 offloading (the recipe's ``offload`` section, as plain values).
+
+    Attributes:
+        device: where blocks are stored between their forwards (``"cpu"``).
+        compute_device: where blocks compute; default: CUDA when available, else CPU (the
+            "offload to the same device" code path, used by the CPU tests).
+        prefetch: upload block i+1 while block i computes (a side CUDA stream).
+        pin_memory: pin the stored blocks (needed for truly asynchronous uploads); ``None``: when
+            the compute device is CUDA.
+        deferred_update: apply step t's update while each block is resident for step t+1.
+    """
+
+    device: str = "cpu"
+    compute_device: str | None = None
+    prefetch: bool = True
+    pin_memory: bool | None = None
+    deferred_update: bool = True
+
+
+def find_transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The model's list of transformer blocks: the ``nn.ModuleList`` of same-class modules holding
+    the most parameters.
+
+    Args:
+        model: a Hugging Face model (optionally wrapped by peft).
+
+    Returns:
+        ``(qualified name, module list)``, e.g. ``("model.layers", ...)`` for Llama.
+
+    Raises:
+        ZoftError: no module list of at least two identical modules exists.
+    """
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) < 2:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        if best is None or size > best[0]:
+            best = (size, name, module)
+    if best is None or best[0] == 0:
+        raise ZoftError(
+            f"offload: found no list of transformer blocks in {type(model).__name__}; "
+            "offloading needs a model whose layers are an nn.ModuleList (Llama, Qwen, OPT, GPT-2 families)"
+        )
+    return best[1], best[2]
+
+
+def _cuda_stream(device: torch.device):
+    return torch.cuda.Stream(device=device) if device.type == "cuda" else None
+
+
+class BlockOffloader:
+    """Keeps a model's transformer blocks in storage memory and streams them to the compute device.
+
+    A forward pre-hook on block i makes it resident (waiting for its prefetch if one is under way)
+    and starts uploading block i+1 (i+1 = 0 after the last block, for the next forward) on a side
+    stream; a forward hook sends block i back. Stored values are written back only when they were
+    changed while resident (:meth:`mark_dirty`), so a block that was only read costs one upload.
+
+    Args:
+        model: the model; its blocks are found by :func:`find_transformer_blocks`.
+        compute_device: where blocks run; the rest of the model is moved there.
+        storage_device: where blocks live between forwards.
+        prefetch: overlap the upload of the next block with the current block's compute.
+        pin_memory: pin stored tensors (``None``: when computing on CUDA).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        compute_device: torch.device | str,
+        storage_device: torch.device | str = "cpu",
+        *,
+        prefetch: bool = True,
+        pin_memory: bool | None = None,
+    ) -> None:
+        self.model = model
+        self.device = torch.device(compute_device)
+        self.storage_device = torch.device(storage_device)
+        self.prefetch = prefetch
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        if pin and not torch.cuda.is_available():
+            pin = False  # pinning needs a CUDA driver; without one the copies are synchronous anyway
+        self.pin_memory = pin
+        self.blocks_name, block_list = find_transformer_blocks(model)
+        self.blocks: list[nn.Module] = list(block_list)
+        self._side_stream = _cuda_stream(self.device)
+        # Per block: [(owner module, "_parameters" | "_buffers", attr, stored tensor)].
+        self._stored: list[list[tuple[nn.Module, str, str, torch.Tensor]]] = []
+        self._resident: dict[int, list[torch.Tensor]] = {}
+        self._ready_event: dict[int, object] = {}
+        self._writeback_event: dict[int, object] = {}
+        self._active: set[int] = set()
+        self._dirty: set[int] = set()
+        self.block_of_param: dict[int, int] = {}
+        self.uploads = 0  # block uploads (cost accounting for tests and benchmarks)
+        self.writebacks = 0
+        self._place(model)
+        self._handles = []
+        for i, block in enumerate(self.blocks):
+            self._handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before_block(i)))
+            self._handles.append(block.register_forward_hook(lambda m, a, o, i=i: self._after_block(i)))
+
+    # -- placement --------------------------------------------------------------------------------
+
+    def _place(self, model: nn.Module) -> None:
+        in_blocks = {id(m) for block in self.blocks for m in block.modules()}
+        for i, block in enumerate(self.blocks):
+            entries = []
+            for module in block.modules():
+                for kind in ("_parameters", "_buffers"):
+                    for attr, t in getattr(module, kind).items():
+                        if t is None:
+                            continue
+                        data = t.data if kind == "_parameters" else t
+                        stored = data.to(self.storage_device)
+                        if self.pin_memory and not stored.is_pinned():
+                            stored = stored.pin_memory()
+                        self._set(module, kind, attr, stored)
+                        entries.append((module, kind, attr, stored))
+                        if kind == "_parameters":
+                            self.block_of_param[id(t)] = i
+            self._stored.append(entries)
+        for module in model.modules():
+            if id(module) in in_blocks:
+                continue
+            for kind in ("_parameters", "_buffers"):
+                for attr, t in getattr(module, kind).items():
+                    if t is not None and t.device != self.device:
+                        self._set(module, kind, attr, t.data.to(self.device) if kind == "_parameters" else t.to(self.device))
+        if self.device != self.storage_device:
+            # HF Trainer skips moving a model that has a device map, and accelerate one whose map has
+            # two entries; "cpu" is not used as a value so save_pretrained does not treat the model as
+            # accelerate-offloaded (whose weights would be on the meta device).
+            model.hf_device_map = {"": str(self.device), self.blocks_name: "zoft-offload"}
+        model.zoft_offloader = self
+
+    @staticmethod
+    def _set(module: nn.Module, kind: str, attr: str, tensor: torch.Tensor) -> None:
+        if kind == "_parameters":
+            module._parameters[attr].data = tensor
+        else:
+            module._buffers[attr] = tensor
+
+    # -- streaming ----------------------------------------------------------------------------------
+
+    def _upload(self, i: int, stream) -> None:
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            if stream is not None and i in self._writeback_event:
+                stream.wait_event(self._writeback_event.pop(i))  # its stored copy is still being written
+            # A real copy even to the same device: the CPU tests then exercise the write-back logic.
+            copies = [
+                torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(t, non_blocking=True)
+                for _, _, _, t in self._stored[i]
+            ]
+            if stream is not None:
+                event = torch.cuda.Event()
+                event.record(stream)
+                self._ready_event[i] = event
+        self._resident[i] = copies
+        self.uploads += 1
+
+    def _activate(self, i: int) -> None:
+        if i not in self._resident:
+            self._upload(i, None if self._side_stream is None else torch.cuda.current_stream(self.device))
+        event = self._ready_event.pop(i, None)
+        if event is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(event)
+            for t in self._resident[i]:
+                t.record_stream(current)  # allocated on the side stream, used on this one
+        for (module, kind, attr, _), t in zip(self._stored[i], self._resident[i]):
+            self._set(module, kind, attr, t)
+        self._active.add(i)
+
+    def _deactivate(self, i: int) -> None:
+        if i in self._dirty:
+            for module, kind, attr, stored in self._stored[i]:
+                if kind == "_parameters":
+                    stored.copy_(module._parameters[attr].data, non_blocking=True)
+            if self.device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self._writeback_event[i] = event
+            self._dirty.discard(i)
+            self.writebacks += 1
+        for module, kind, attr, stored in self._stored[i]:
+            self._set(module, kind, attr, stored)
+        del self._resident[i]
+        self._active.discard(i)
+
+    def _before_block(self, i: int) -> None:
+        if i not in self._active:
+            self._activate(i)
+        nxt = (i + 1) % len(self.blocks)
+        if self.prefetch and nxt not in self._resident and nxt not in self._active:
+            self._upload(nxt, self._side_stream)
+
+    def _after_block(self, i: int) -> None:
+        if i in self._active:
+            self._deactivate(i)
+
+    # -- for the update path ------------------------------------------------------------------------
+
+    def block_index(self, param: torch.Tensor) -> int | None:
+        """The index of the block holding ``param``, or ``None`` for a resident parameter."""
+        return self.block_of_param.get(id(param))
+
+    def mark_dirty(self, params) -> None:
+        """Record that these parameters were changed while resident (written back on release)."""
+        for p in params:
+            i = self.block_of_param.get(id(p))
+            if i is not None:
+                if i not in self._active:
+                    raise RuntimeError(f"offload: block {i} was changed while not resident")
+                self._dirty.add(i)
+
+    @contextlib.contextmanager
+    def resident(self, i: int) -> Iterator[None]:
+        """Make block ``i`` resident for the duration of the context (e.g. to flush an update)."""
+        was_active = i in self._active
+        if not was_active:
+            self._activate(i)
+        try:
+            yield
+        finally:
+            if not was_active:
+                self._deactivate(i)
+
+    def synchronize(self) -> None:
+        """Wait for outstanding copies, so stored tensors can be read on the host (save, checksum)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._writeback_event.clear()
+
+    def drop_prefetched(self) -> None:
+        """Forget prefetched copies (call after changing stored values outside the update path)."""
+        for i in [i for i in self._resident if i not in self._active]:
+            del self._resident[i]
+            self._ready_event.pop(i, None)
+
+    def remove(self) -> None:
+        """Remove the hooks and leave every block on the storage device."""
+        for h in self._handles:
+            h.remove()
+        self.drop_prefetched()
+        for i in list(self._active):
+            self._deactivate(i)
+        self.synchronize()
+
+
+def check_cpu_memory(needed_bytes: int, available_bytes: int) -> None:
+    """Refuse to offload a model whose stored blocks do not fit in CPU memory.
+
+    Raises:
+        ZoftError: one line with the memory needed and available.
+    """
+    if needed_bytes > available_bytes:
+        gib = 1024**3
+        raise ZoftError(
+            f"offload: the model needs about {needed_bytes / gib:.1f} GiB of CPU memory for its weights, "
+            f"only {available_bytes / gib:.1f} GiB is available; use model.dtype: bfloat16, "
+            "a machine with more memory, or a smaller model"
+        )
+
+
+def attach_offload(model: nn.Module, config: OffloadConfig) -> BlockOffloader:
+    """Offload ``model``'s transformer blocks as ``config`` says; returns the offloader.
+
+    Raises:
+        ZoftError: the compute device is CUDA but none is available, or no block list is found.
+    """
+    compute = config.compute_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(compute).type == "cuda" and not torch.cuda.is_available():
+        raise ZoftError("offload.compute_device: CUDA is not available here; drop the key to compute on CPU")
+    return BlockOffloader(
+        model, compute, config.device, prefetch=config.prefetch, pin_memory=config.pin_memory
+    )
+
+
+class DeferredMeZOOptimizer(MeZOOptimizer):
+    """MeZO whose update of step t is applied lazily, module by module, at its next forward.
+
+    ``step()`` records the update (and logs it, with the exact numbers, like :class:`MeZOOptimizer`);
+    a forward pre-hook on each module owning trained parameters applies that module's share before
+    anything else reads it (before the perturbation of step t+1 swaps in ``theta + eps z``). With an
+    offloader this happens while the block is resident, so the update needs no transfer of its own.
+    :meth:`flush` applies whatever is left (before evaluation, save, and the next step's update); the
+    arithmetic is :meth:`ZOParameters.apply_update`'s, so the weights equal eager MeZO's exactly.
+
+    Args:
+        zo, lr, weight_decay, n_directions, on_update: as for :class:`MeZOOptimizer`.
+        offloader: the :class:`BlockOffloader` of the model, or ``None``.
+    """
+
+    def __init__(
+        self,
+        zo: ZOParameters,
+        lr: float,
+        weight_decay: float = 0.0,
+        n_directions: int = 1,
+        on_update: Callable[[dict], None] | None = None,
+        offloader: BlockOffloader | None = None,
+    ) -> None:
+        super().__init__(zo, lr, weight_decay, n_directions, on_update)
+        self.offloader = offloader
+        self._deferred: tuple[int, list[tuple[int, float]], float, float] | None = None
+        self._unapplied: set[str] = set()
+        self.applied_in_forward = 0  # parameters updated by a forward hook (not by flush)
+        self._handles = []
+        for module, owned in zo._owners:
+            names = [name for _, name in owned]
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, names=names: self._apply(names, True)))
+
+    @torch.no_grad()
+    def _apply(self, names: list[str], in_forward: bool = False) -> None:
+        todo = [n for n in names if n in self._unapplied]
+        if not todo:
+            return
+        step, coefficients, lr, wd = self._deferred
+        self.zo.apply_update(step, coefficients, lr, wd, names=todo)
+        self._unapplied.difference_update(todo)
+        if self.offloader is not None:
+            self.offloader.mark_dirty(self.zo.params[n] for n in todo)
+        if in_forward:
+            self.applied_in_forward += len(todo)
+        if not self._unapplied:
+            self._deferred = None
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer API
+        if self._pending_step is None:
+            return None
+        self.flush()  # a parameter no forward touched still holds the previous update
+        group = self.param_groups[0]
+        lr, wd = float(group["lr"]), float(group["weight_decay"])
+        coefficients = [(k, g / self.n_directions) for k, g in sorted(self._pending.items())]
+        self._deferred = (self._pending_step, coefficients, lr, wd)
+        self._unapplied = set(self.zo.params)
+        if self.on_update is not None:
+            self.on_update(
+                {
+                    "step": self._pending_step,
+                    "lr": lr,
+                    "weight_decay": wd,
+                    "coefficients": coefficients,
+                    "loss_plus": [self._losses[k][0] for k, _ in coefficients],
+                    "loss_minus": [self._losses[k][1] for k, _ in coefficients],
+                }
+            )
+        self._pending_step, self._pending, self._losses = None, {}, {}
+        return None
+
+    @property
+    def has_deferred(self) -> bool:
+        return bool(self._unapplied)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the deferred update to every parameter that has not received it yet."""
+        if self._unapplied:
+            by_block: dict[int | None, list[str]] = {}
+            for name in sorted(self._unapplied):
+                block = self.offloader.block_index(self.zo.params[name]) if self.offloader else None
+                by_block.setdefault(block, []).append(name)
+            for block, names in by_block.items():
+                # z is sampled on the parameter's device: update offloaded blocks where they compute,
+                # as their perturbations are, so both see the same z.
+                ctx = self.offloader.resident(block) if block is not None else contextlib.nullcontext()
+                with ctx:
+                    self._apply(names)
+        if self.offloader is not None:
+            self.offloader.synchronize()
+
+    def state_dict(self):
+        self.flush()
+        return super().state_dict()
+
+    def remove_hooks(self) -> None:
+        for h in self._handles:
+            h.remove()
