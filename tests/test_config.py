@@ -151,3 +151,9 @@ def test_readme_recipe_reference_is_generated_from_the_schema():
     readme = (REPO / "README.md").read_text()
     section = readme.split(START, 1)[1].split(END, 1)[0].strip()
     assert section == reference_markdown().strip(), "run: python -m zoft.reference --write"
+
+
+def test_yaml_no_means_the_string_no_for_strategies(tmp_path):
+    path = _write(tmp_path, "model: {name: m}\ndata: {train: x.txt, format: text}\ntrain: {save_strategy: no}\n")
+    assert load_recipe(path).train.save_strategy == "no"
+    assert load_recipe(path, ["train.eval_strategy=no"]).train.eval_strategy == "no"

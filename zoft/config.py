@@ -176,6 +176,11 @@ class TrainSection(Section):
     seed: int = Field(42, description="Run seed: model init, data order, and every ZO direction.")
     logging_steps: float = Field(10, gt=0, description="Log loss (and ZO projected gradient) every N steps.")
     eval_strategy: Literal["no", "steps", "epoch"] = Field("no", description="Evaluate during training too.")
+
+    @field_validator("eval_strategy", "save_strategy", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # `save_strategy: no` in YAML 1.1 is the boolean false
     eval_steps: float | None = Field(None, description="With eval_strategy steps: every N steps.")
     save_strategy: Literal["no", "steps", "epoch", "best"] = Field("steps", description="When to checkpoint.")
     save_steps: float = Field(500, gt=0, description="Checkpoint every N steps (resume needs one).")
@@ -412,6 +417,11 @@ class Recipe(Section):
             # peft's prefix tuning builds its past_key_values outside any module forward that owns the
             # prefix parameters, which the ZO perturbation hooks rely on.
             raise ValueError("peft.method 'prefix_tuning' is not supported with a zeroth-order method; use lora")
+        if self.privacy is not None and (self.offload is not None or self.distributed is not None):
+            raise ValueError(
+                "privacy with offload or distributed is not supported: the private step runs in one "
+                "process with the model in memory; drop offload/distributed"
+            )
         privacy_problem = _privacy_combination_problem(self)  # issue 8
         if privacy_problem:
             raise ValueError(privacy_problem)
@@ -533,6 +543,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, bool) and raw.strip().lower() not in ("true", "false"):
+        value = raw.strip()  # YAML 1.1 reads no/yes/on/off as booleans: save_strategy=no means "no"
     return key.strip().split("."), value
 
 
