@@ -133,7 +133,7 @@ def test_step_with_zero_learning_rate_leaves_every_parameter_exactly_as_it_was()
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         x = torch.randn(3, 5, dtype=dtype)
         for step in range(3):
-            for est in spsa(zo, lambda: model(x).float().pow(2).mean(), step=step, eps=1e-2, n_directions=2):
+            for est in spsa(zo, lambda m=model, x=x: m(x).float().pow(2).mean(), step=step, eps=1e-2, n_directions=2):
                 opt.record(step, est)
             opt.step()
         for n, p in model.named_parameters():
