@@ -52,7 +52,9 @@ def _as_lora_config(lora_config: Any):
     from peft import LoraConfig, PeftConfig
 
     if lora_config is None:
-        raise ZoftError("LoRA-GA needs a LoRA configuration; pass a peft LoraConfig or a dict of its arguments")
+        raise ZoftError(
+            "LoRA-GA needs a LoRA configuration; pass a peft LoraConfig or a dict of its arguments"
+        )
     if isinstance(lora_config, LoraConfig):
         return copy.deepcopy(lora_config)
     if isinstance(lora_config, PeftConfig):
@@ -63,7 +65,9 @@ def _as_lora_config(lora_config: Any):
         try:
             return LoraConfig(**dict(lora_config))
         except TypeError as exc:
-            raise ZoftError(f"LoRA-GA: bad LoRA configuration arguments ({exc}); see peft.LoraConfig") from None
+            raise ZoftError(
+                f"LoRA-GA: bad LoRA configuration arguments ({exc}); see peft.LoraConfig"
+            ) from None
     raise ZoftError(
         f"LoRA-GA: lora_config must be a peft LoraConfig or a dict, got {type(lora_config).__name__}"
     )
@@ -125,7 +129,9 @@ def estimate_target_gradients(
             f"LoRA-GA needs {num_batches} gradient batches but the data gives only {len(batches)}; "
             f"lower num_batches to at most {len(batches)} or provide more data"
         )
-    buffers = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()}
+    buffers = {
+        name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in weights.items()
+    }
     saved_requires_grad = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
     handles = []
@@ -339,7 +345,11 @@ def save_lora_ga_adapter(
     Raises:
         ZoftError: If no initial adapter folder is known or it does not exist.
     """
-    initial = initial_adapter_dir if initial_adapter_dir is not None else getattr(peft_model, _INITIAL_DIR_ATTR, None)
+    initial = (
+        initial_adapter_dir
+        if initial_adapter_dir is not None
+        else getattr(peft_model, _INITIAL_DIR_ATTR, None)
+    )
     if initial is None:
         raise ZoftError(
             "LoRA-GA: converting to a plain LoRA adapter needs the step-0 adapter; pass initial_adapter_dir "
