@@ -197,5 +197,7 @@ def test_bad_configs(base_dir, tmp_path):
     with pytest.raises(ZoftError, match="unknown scale"):
         init_lora_ga(model, LORA, fixed_batches(), 1, scale="big")
     ga = init_lora_ga(load_base(base_dir), LORA, fixed_batches(), 1)
+    with pytest.raises(ZoftError, match="not a PeftModel"):
+        init_lora_ga(ga, LORA, fixed_batches(), 1)
     with pytest.raises(ZoftError, match="needs the step-0 adapter"):
         save_lora_ga_adapter(ga, tmp_path / "out")

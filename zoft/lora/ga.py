@@ -251,6 +251,8 @@ def init_lora_ga(
     from peft import LoraGAConfig, get_peft_model
     from peft.tuners.lora.layer import LoraLayer
 
+    if hasattr(model, "peft_config"):
+        raise ZoftError("LoRA-GA initializes a model before peft wraps it; pass the base model, not a PeftModel")
     config = _as_lora_config(lora_config)
     if scale != "paper" and scale not in PEFT_SCALES:
         raise ZoftError(f"LoRA-GA: unknown scale {scale!r}; use 'paper' or one of {', '.join(PEFT_SCALES)}")
