@@ -1,0 +1,186 @@
+"""LoRA-Pro: the corrected gradients against a brute-force least-squares solve, the HF Trainer path, errors."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import IA3Config, LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+from zoft.errors import ZoftError
+from zoft.lora.pro import create_lora_pro_optimizer, equivalent_gradient, lora_pro_gradients
+
+
+def brute_force(A, B, G, s):
+    """The paper's choice by brute force, in float64.
+
+    Vectorize z = (vec gA, vec gB) and the linear map L z = vec(s (B gA + gB A)). torch.linalg.lstsq
+    gives one least-squares solution z*; every solution is z* + (null space of L). The paper fixes the
+    remaining freedom by taking the solution closest to LoRA's own gradients z0 = (s B^T G, s G A^T):
+    z* + N N^T (z0 - z*) with N an orthonormal basis of the null space (from the SVD of L).
+    """
+    m, r = B.shape
+    n = A.shape[1]
+    columns = []
+    for k in range(r * n):
+        unit = torch.zeros(r * n, dtype=torch.float64)
+        unit[k] = 1
+        columns.append((s * B @ unit.view(r, n)).flatten())
+    for k in range(m * r):
+        unit = torch.zeros(m * r, dtype=torch.float64)
+        unit[k] = 1
+        columns.append((s * unit.view(m, r) @ A).flatten())
+    L = torch.stack(columns, dim=1)
+    z_star = torch.linalg.lstsq(L, G.reshape(-1, 1), driver="gelsd").solution[:, 0]
+    _, sv, vh = torch.linalg.svd(L)
+    rank = int((sv > 1e-10 * sv[0]).sum())
+    null = vh[rank:].T
+    z0 = torch.cat([(s * B.T @ G).flatten(), (s * G @ A.T).flatten()])
+    z = z_star + null @ (null.T @ (z0 - z_star))
+    return z[: r * n].view(r, n), z[r * n :].view(m, r), (L @ z_star).view(m, n)
+
+
+@pytest.mark.parametrize(
+    "m,n,r,s,zero_b", [(7, 6, 2, 1.7, False), (5, 9, 3, 0.5, False), (8, 6, 2, 2.0, True)]
+)
+def test_matches_brute_force_least_squares(m, n, r, s, zero_b):
+    g = torch.Generator().manual_seed(m * n + r)
+    A = torch.randn(r, n, generator=g, dtype=torch.float64)
+    B = torch.randn(m, r, generator=g, dtype=torch.float64) * (0.0 if zero_b else 1.0)
+    G = torch.randn(m, n, generator=g, dtype=torch.float64)
+    grad_A, grad_B = s * B.T @ G, s * G @ A.T  # what autograd gives LoRA for the full gradient G
+    want_A, want_B, want_equiv = brute_force(A, B, G, s)
+
+    new_A, new_B = lora_pro_gradients(A.float(), B.float(), grad_A.float(), grad_B.float(), s)
+    assert new_A.dtype == torch.float32
+    torch.testing.assert_close(new_A.double(), want_A, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(new_B.double(), want_B, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        equivalent_gradient(A, B, new_A, new_B, s).double(), want_equiv, atol=2e-5, rtol=1e-4
+    )
+    if zero_b:  # LoRA's first step: A gets no gradient, B the exact least-squares one
+        assert new_A.abs().max() < 1e-6
+
+
+def test_closer_to_full_gradient_than_plain_lora_in_a_real_layer():
+    # A real backward through a LoRA layer (non-zero B): G is the base weight's gradient.
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 3))
+    model = get_peft_model(net, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    layer.base_layer.weight.requires_grad_(True)
+    x, y = torch.randn(32, 12), torch.randn(32, 3)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s, G = layer.scaling["default"], layer.base_layer.weight.grad
+    new_A, new_B = lora_pro_gradients(A, B, A.grad, B.grad, s)
+
+    err_pro = (equivalent_gradient(A, B, new_A, new_B, s) - G).norm()
+    err_lora = (equivalent_gradient(A, B, A.grad, B.grad, s) - G).norm()
+    assert err_pro < 0.8 * err_lora
+    _, _, want_equiv = brute_force(A.double(), B.double(), G.double(), s)
+    torch.testing.assert_close(
+        equivalent_gradient(A, B, new_A, new_B, s).double(), want_equiv, atol=1e-5, rtol=1e-4
+    )
+
+
+def tiny_lora_llama(**lora):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    model = LlamaForCausalLM(config)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora))
+
+
+def token_data(n=16):
+    g = torch.Generator().manual_seed(0)
+    start = torch.randint(0, 48, (n, 1), generator=g)
+    ids = ((start + torch.arange(12)) % 64).tolist()
+    return Dataset.from_dict({"input_ids": ids, "labels": ids})
+
+
+def mean_loss(model, data):
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor(data["input_ids"])
+        return model(input_ids=ids, labels=ids).loss.item()
+
+
+def test_hf_trainer_step_decreases_loss(tmp_path):
+    model, data = tiny_lora_llama(), token_data()
+    before = mean_loss(model, data)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=8,
+        max_steps=6,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        use_cpu=True,
+        seed=0,
+    )
+    optimizer = create_lora_pro_optimizer(model, lr=1e-2)
+    Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None)).train()
+    after = mean_loss(model, data)
+    assert after < before - 0.05, (before, after)
+    # The Trainer stepped this optimizer (not one of its own) once per training step.
+    assert optimizer.state[optimizer.lora_pro_pairs[0].A]["step"] == 6
+
+
+def test_full_mode_first_step_is_projected_adam_direction():
+    # init_lora_weights=False gives a non-zero B, so the step exercises the whole projection.
+    model = tiny_lora_llama(init_lora_weights=False)
+    data = token_data(8)
+    ids = torch.tensor(data["input_ids"])
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    A0, B0 = A.detach().clone(), B.detach().clone()
+    lr = 1e-5
+    optimizer = create_lora_pro_optimizer(model, lr=lr, mode="full", eps=1e-12)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    pro_A, pro_B = lora_pro_gradients(A, B, A.grad, B.grad, s)
+    # Adam's first step on the equivalent gradient g is sign(g); LoRA-Pro then projects it onto (A, B).
+    adam_direction = torch.sign(equivalent_gradient(A, B, pro_A, pro_B, s))
+    _, _, projected = brute_force(A0.double(), B0.double(), adam_direction.double(), s)
+    optimizer.step()
+    delta = s * (B.detach() @ A.detach() - B0 @ A0)
+    torch.testing.assert_close(delta.double() / -lr, projected, atol=1e-2, rtol=1e-2)
+    assert optimizer.state[A]["lora_pro_exp_avg"].shape == (B.shape[0], A.shape[1])
+    before = mean_loss(model, data)
+    for _ in range(5):
+        model.train()
+        optimizer.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2
+        optimizer.step()
+    assert mean_loss(model, data) < before - 0.05
+
+
+def test_errors():
+    with pytest.raises(ZoftError, match="needs a model with trainable LoRA layers"):
+        create_lora_pro_optimizer(torch.nn.Linear(4, 4), lr=1e-3)
+    torch.manual_seed(0)
+    ia3 = get_peft_model(
+        torch.nn.Sequential(torch.nn.Linear(4, 4)), IA3Config(target_modules=["0"], feedforward_modules=[])
+    )
+    with pytest.raises(ZoftError, match="adapter 'default' is IA3; use a peft LoraConfig"):
+        create_lora_pro_optimizer(ia3, lr=1e-3)
+    with pytest.raises(ZoftError, match="unknown mode 'fast'"):
+        create_lora_pro_optimizer(tiny_lora_llama(), lr=1e-3, mode="fast")
+    with pytest.raises(ZoftError, match="does not support DoRA"):
+        create_lora_pro_optimizer(tiny_lora_llama(use_dora=True), lr=1e-3)
+    emb = get_peft_model(
+        torch.nn.Sequential(torch.nn.Embedding(10, 4)), LoraConfig(r=2, target_modules=["0"])
+    )
+    with pytest.raises(ZoftError, match="'base_model.model.0' is an embedding LoRA layer"):
+        create_lora_pro_optimizer(emb, lr=1e-3)
