@@ -253,7 +253,7 @@ def addax_step(
         ]
         try:
             with torch.enable_grad():
-                fo_loss = float(fo_backward())
+                fo_loss = float(torch.as_tensor(fo_backward()).detach())
         finally:
             for h in handles:
                 h.remove()
