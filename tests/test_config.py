@@ -64,8 +64,8 @@ def test_dotted_overrides_are_typed_and_validated_like_the_file(tmp_path):
     "change, expected",
     [
         ({"model": {"name": "m", "dtyp": "float32"}},
-         "model.dtyp: unknown key; did you mean 'model.dtype'? (expected one of: name, task, dtype, revision, tokenizer, trust_remote_code)"),
-        ({"method": "mezoo"}, "method.name: Input should be 'mezo', 'adamw' or 'sgd' (got 'mezoo')"),
+         "model.dtyp: unknown key; did you mean 'model.dtype'? (expected one of: name, task, dtype, revision, tokenizer, trust_remote_code, quantization, quantization_blocksize, quantization_target_modules)"),
+        ({"method": "mezoo"}, "method.name: Input should be 'mezo', 'qzo', 'addax', 'adamw' or 'sgd' (got 'mezoo')"),
         ({"method": {"name": "mezo", "eps": 0}}, "method.eps: Input should be greater than 0 (got 0)"),
         ({"train": {"learning_rat": 1e-6}},
          "train.learning_rat: unknown key (not a transformers.TrainingArguments field); did you mean 'train.learning_rate'?"),
@@ -125,7 +125,7 @@ def test_cli_validate_prints_resolved_recipe_or_one_line_per_error(tmp_path, cap
     assert main(["validate", str(path), "method.eps=-1", "model.nme=x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        f"zoft: error: {path}: model.nme: unknown key; did you mean 'model.name'? (expected one of: name, task, dtype, revision, tokenizer, trust_remote_code)",
+        f"zoft: error: {path}: model.nme: unknown key; did you mean 'model.name'? (expected one of: name, task, dtype, revision, tokenizer, trust_remote_code, quantization, quantization_blocksize, quantization_target_modules)",
         f"zoft: error: {path}: method.eps: Input should be greater than 0 (got -1)",
     ]
 

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from zoft.errors import RecipeError
 
-ZO_METHODS = ("mezo",)
+ZO_METHODS = ("mezo", "qzo", "addax")  # addax: ZO on long sequences + in-place SGD on short ones
 FO_METHODS = ("adamw", "sgd")
 METHODS = ZO_METHODS + FO_METHODS
 
@@ -45,6 +45,17 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(
         False, description="Run Python code shipped with a hub model. Off unless you trust the model."
     )
+    # --- QZO: 4-bit model (zoft/zo/qzo.py) ---
+    quantization: Literal["nf4"] | None = Field(
+        None,
+        description="nf4: replace the linear layers by 4-bit NF4 layers (bitsandbytes format) whose per-block "
+        "scales are the only trained values (method qzo). A bitsandbytes NF4 folder is used as stored.",
+    )
+    quantization_blocksize: int = Field(64, description="nf4: weights per scale (bitsandbytes' default 64).")
+    quantization_target_modules: list[str] | str = Field(
+        "all-linear", description="nf4: 'all-linear' or linear-layer name suffixes to quantize (lm_head stays)."
+    )
+    # --- end QZO ---
 
 
 class DataSection(Section):
@@ -100,9 +111,11 @@ class DataSection(Section):
 
 
 class MethodSection(Section):
-    name: Literal["mezo", "adamw", "sgd"] = Field(
+    name: Literal["mezo", "qzo", "addax", "adamw", "sgd"] = Field(
         "mezo",
         description="mezo: zeroth-order SGD (two forwards, no backward, inference memory); "
+        "qzo: MeZO on the scales of a 4-bit model (model.quantization: nf4), clipped; "
+        "addax: ZO on long sequences + in-place first-order SGD on short ones; "
         "adamw / sgd: the standard first-order fine-tune through HF Trainer.",
     )
     eps: float = Field(1e-3, gt=0, description="ZO: perturbation scale of the two forwards.")
@@ -116,6 +129,36 @@ class MethodSection(Section):
         "~1e-6 are not lost to rounding (auto: when the trained dtype is not fp32).",
     )
 
+    # --- QZO / Addax options (zoft/zo/qzo.py, zoft/zo/addax.py) ---
+    clip_projected_grad: float | None = Field(
+        None,
+        gt=0,
+        description="ZO: clip each projected gradient (L+ - L-)/2eps to [-C, C] before the update "
+        "(QZO's directional-derivative clipping); default 100 for qzo, off otherwise.",
+    )
+    length_threshold: int | Literal["auto"] | None = Field(
+        None,
+        description="addax (required): sequences longer than this many tokens feed the zeroth-order "
+        "estimate, the others the first-order gradient; 'auto' picks it from method.memory_budget_gb.",
+    )
+    memory_budget_gb: float | None = Field(
+        None, gt=0, description="addax with length_threshold 'auto': memory the run may use, in GB."
+    )
+    zo_batch_size: int | None = Field(
+        None, ge=1, description="addax: long sequences per step (K0); default train.per_device_train_batch_size."
+    )
+    fo_batch_size: int | None = Field(
+        None, ge=1, description="addax: short sequences per step (K1); default train.per_device_train_batch_size."
+    )
+    alpha: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="addax: update = lr * (alpha * ZO estimate + (1 - alpha) * first-order gradient); "
+        "0 is in-place SGD, 1 is MeZO on the long sequences (default 0.05).",
+    )
+    # --- end QZO / Addax ---
+
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, v: Any) -> Any:
@@ -124,6 +167,13 @@ class MethodSection(Section):
     @property
     def is_zeroth_order(self) -> bool:
         return self.name in ZO_METHODS
+
+    @property
+    def projected_grad_clip(self) -> float | None:
+        """The clipping bound in effect: method.clip_projected_grad, or 100 for qzo."""
+        if self.clip_projected_grad is None and self.name == "qzo":
+            return 100.0
+        return self.clip_projected_grad
 
 
 class PeftSection(Section):
@@ -432,6 +482,7 @@ class Recipe(Section):
                     f"{key}: needs a zeroth-order method (method.name: mezo), not '{self.method.name}'; "
                     f"drop the {key} section for first-order training"
                 )
+        _qzo_addax_combinations(self)  # QZO / Addax
         return self
 
 
@@ -464,6 +515,71 @@ def _privacy_combination_problem(recipe: Recipe) -> str | None:
     if recipe.peft is not None and recipe.peft.method == "prefix_tuning" and p.method == "flashdp":
         return "peft.method 'prefix_tuning' has no per-sample clipping in flashdp; use lora"
     return None
+
+
+# --- QZO / Addax combination checks ---
+_ADDAX_KEYS = ("length_threshold", "memory_budget_gb", "zo_batch_size", "fo_batch_size", "alpha")
+
+
+def _first_order_only_train_keys(recipe: Recipe) -> list[str]:
+    # Options that act on a full gradient or an optimizer that zoft's ZO update (and Addax's in-place
+    # SGD) does not have.
+    keys = [f"train.{k}" for k in ("optim", "max_grad_norm") if k in recipe.train.model_fields_set]
+    return keys
+
+
+def _qzo_addax_combinations(recipe: Recipe) -> None:
+    method = recipe.method
+    if method.name in ("qzo", "addax"):
+        # ZO2/DistZO2 stream or split plain MeZO steps (Addax has a backward; QZO's 4-bit layers are not
+        # offload-aware), and DPZero's guarantee covers the scalar ZO step only.
+        for key in ("offload", "distributed", "privacy"):
+            if getattr(recipe, key) is not None:
+                raise ValueError(f"{key}: not supported with method '{method.name}' in this version; use method mezo")
+    if method.name != "addax":
+        set_keys = [f"method.{k}" for k in _ADDAX_KEYS if getattr(method, k) is not None]
+        if set_keys:
+            raise ValueError(f"{', '.join(set_keys)}: only used by method 'addax' (method is '{method.name}')")
+    if method.clip_projected_grad is not None and not method.is_zeroth_order:
+        raise ValueError(f"method.clip_projected_grad: only used by zeroth-order methods, not '{method.name}'")
+    if method.name == "qzo" and recipe.peft is not None:
+        raise ValueError("method 'qzo' trains the 4-bit quantization scales, not adapters; drop the peft section")
+    if recipe.model.quantization is not None:
+        if recipe.peft is not None:
+            raise ValueError(
+                "model.quantization with peft (QLoRA) is not supported in this version; drop peft to train the "
+                "4-bit scales with method qzo"
+            )
+        if not method.is_zeroth_order or method.name == "addax":
+            raise ValueError(
+                f"model.quantization: first-order training ('{method.name}') of the 4-bit scales is not supported; "
+                "use method qzo (or mezo)"
+            )
+    if recipe.model.quantization_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError("model.quantization_blocksize: use a power of two from 32 to 4096 (bitsandbytes' sizes)")
+    if method.name in ("qzo", "addax"):
+        fo_keys = _first_order_only_train_keys(recipe)
+        if method.name == "qzo" and recipe.train.model_extra and recipe.train.model_extra.get("gradient_checkpointing"):
+            fo_keys.append("train.gradient_checkpointing")
+        if fo_keys:
+            why = "has no gradient" if method.name == "qzo" else "updates each parameter in place during the backward"
+            raise ValueError(f"{', '.join(fo_keys)}: first-order-only option; method '{method.name}' {why}, drop it")
+    if method.name == "addax":
+        if method.length_threshold is None:
+            raise ValueError(
+                "method.length_threshold: required for addax (tokens; longer sequences go to the zeroth-order "
+                "part), or 'auto' with method.memory_budget_gb"
+            )
+        if method.length_threshold == "auto" and method.memory_budget_gb is None:
+            raise ValueError("method.length_threshold 'auto' needs method.memory_budget_gb (GB the run may use)")
+        if recipe.train.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "train.gradient_accumulation_steps: addax applies its update during the backward (in-place SGD), "
+                "so it cannot accumulate; raise method.zo_batch_size / method.fo_batch_size instead"
+            )
+
+
+# --- end QZO / Addax ---
 
 
 # ---------------------------------------------------------------------------------------------

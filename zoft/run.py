@@ -101,6 +101,16 @@ def build_model_and_tokenizer(recipe: Recipe):
         num_labels=num_labels,
         pad_token_id=tokenizer.pad_token_id,
     )
+    if recipe.method.name == "qzo" or m.quantization is not None:  # QZO: NF4 layers, only scales trained
+        from zoft.zo.qzo import prepare_qzo_model
+
+        prepare_qzo_model(
+            model,
+            m.quantization,
+            blocksize=m.quantization_blocksize,
+            target_modules=m.quantization_target_modules,
+            model_name=m.name,
+        )
     if recipe.peft is not None:
         model = apply_peft(model, recipe.peft, m.task)
     if recipe.memory is not None and recipe.memory.wta_crs is not None:
@@ -131,6 +141,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
             n_directions=recipe.method.n_directions,
             distribution=recipe.method.distribution,
             master_weights=recipe.method.master_weights,
+            clip_projected_grad=recipe.method.projected_grad_clip,
         )
     privacy = None
     if recipe.privacy is not None:
@@ -152,8 +163,9 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         _ = args.device
         d = recipe.distributed
         distributed = DistZO(DistZOConfig(d.perturbation_parallel, d.data_parallel, d.checksum_steps))
+    addax = _addax_config(recipe, model, data.train) if recipe.method.name == "addax" else None
     trajectory = None
-    if zo is not None and recipe.output.save_trajectory:
+    if zo is not None and addax is None and recipe.output.save_trajectory:  # addax's FO part is not a scalar log
         trajectory = str(Path(recipe.output.dir) / TRAJECTORY_FILE)
     return ZoftTrainer(
         model=model,
@@ -168,7 +180,24 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         privacy=privacy,
         offloader=offloader,
         distributed=distributed,
+        **({"addax": addax} if addax is not None else {}),
     )
+
+
+def _addax_config(recipe: Recipe, model, train_rows):
+    """Addax's resolved settings; the length threshold is checked against the tokenized training data."""
+    from zoft.zo.addax import AddaxConfig, auto_length_threshold, check_split
+
+    m, batch = recipe.method, recipe.train.per_device_train_batch_size
+    fo_batch = m.fo_batch_size or batch
+    lengths = [len(x) for x in train_rows["input_ids"]]
+    threshold = m.length_threshold
+    if threshold == "auto":
+        threshold = auto_length_threshold(model, m.memory_budget_gb, fo_batch, max(lengths))
+        print(f"zoft: addax length threshold {threshold} tokens (from {m.memory_budget_gb} GB)", flush=True)
+    alpha = 0.05 if m.alpha is None else m.alpha
+    check_split(lengths, threshold, alpha)
+    return AddaxConfig(threshold, alpha, m.zo_batch_size or batch, fo_batch)
 
 
 def _with_perplexity(metrics: dict) -> dict:

@@ -57,6 +57,7 @@ class ZoftTrainer(Trainer):
         distributed=None,
         **kwargs,
     ):
+        self.addax_config = kwargs.pop("addax", None)  # zoft.zo.addax.AddaxConfig (needs zo too)
         self.zo_config = zo
         # ZO2 (zoft.zo.offload.BlockOffloader) and DistZO2 (zoft.zo.distributed.DistZOConfig); None: off.
         self.offloader = offloader
@@ -103,6 +104,7 @@ class ZoftTrainer(Trainer):
                 weight_decay=self.args.weight_decay,
                 n_directions=cfg.n_directions,
                 on_update=self._log_update,
+                clip=cfg.clip_projected_grad,
                 **extra,
             )
         return self.optimizer
@@ -120,6 +122,8 @@ class ZoftTrainer(Trainer):
             return self.dp.training_step(self, model, inputs)
         if self.zo_config is None:
             return super().training_step(model, inputs, num_items_in_batch)
+        if self.addax_config is not None:
+            return self._addax_training_step(model, inputs)
         inputs = self._prepare_inputs(inputs)
         was_training = model.training
         model.eval()  # dropout off: both forwards must see the same function
@@ -157,6 +161,69 @@ class ZoftTrainer(Trainer):
                 len(self.train_dataset), self.args.per_device_train_batch_size, d.pp, self.args.seed, shard=shard
             )
         return super()._get_train_sampler(*args, **kwargs)
+    # -- Addax (zoft/zo/addax.py): two loaders, ZO on long + in-place SGD on short sequences ----------
+
+    def get_train_dataloader(self):
+        if self.addax_config is None:
+            return super().get_train_dataloader()
+        from zoft.zo.addax import AddaxLoader, split_by_length
+
+        cfg = self.addax_config
+        full = self.train_dataset
+        long, short = split_by_length([len(x) for x in full["input_ids"]], cfg.length_threshold)
+        loaders = []
+        for indices, batch_size, weight in ((long, cfg.zo_batch_size, cfg.alpha), (short, cfg.fo_batch_size,
+                                                                                  1 - cfg.alpha)):
+            if not indices or weight == 0:
+                loaders.append(None)
+                continue
+            # HF's own loader construction (sampler, seeding, accelerate) on each side's rows.
+            self.train_dataset, saved_bs = full.select(indices), self._train_batch_size
+            self._train_batch_size = batch_size
+            try:
+                loaders.append(super().get_train_dataloader())
+            finally:
+                self.train_dataset, self._train_batch_size = full, saved_bs
+        return AddaxLoader(*loaders)
+
+    def _addax_training_step(self, model, inputs):
+        from zoft.zo.addax import addax_step
+
+        long, short = (None if inputs[k] is None else self._prepare_inputs(inputs[k]) for k in ("zo", "fo"))
+
+        def zo_loss():
+            was_training = model.training
+            model.eval()  # dropout off: both forwards must see the same function
+            try:
+                return self.compute_loss(model, long)
+            finally:
+                model.train(was_training)
+
+        def fo_backward():
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, short)
+            self.accelerator.backward(loss)
+            return loss.detach()
+
+        cfg, group = self.zo_config, self.zo_optimizer.param_groups[0]
+        result = addax_step(
+            self.zo_params,
+            step=self.state.global_step,
+            lr=float(group["lr"]),
+            alpha=self.addax_config.alpha,
+            eps=cfg.eps,
+            zo_loss=zo_loss if long is not None else None,
+            fo_backward=fo_backward if short is not None else None,
+            weight_decay=float(group["weight_decay"]),
+            n_directions=cfg.n_directions,
+        )
+        for e in result.estimates:
+            self._zo_window.append((e.projected_grad, e.loss_plus, e.loss_minus))
+        losses = [(e.loss_plus + e.loss_minus) / 2 for e in result.estimates]
+        losses += [result.fo_loss] if result.fo_loss is not None else []
+        return torch.tensor(sum(losses) / max(len(losses), 1), device=self.args.device)
+
+    # -- end Addax ----------------------------------------------------------------------------------
 
     def _log_update(self, record: dict) -> None:
         if self._trajectory is not None and self.is_world_process_zero():
@@ -189,6 +256,8 @@ class ZoftTrainer(Trainer):
         if self._zo_window and "loss" in logs:
             g, lp, lm = (float(np.mean(col)) for col in zip(*self._zo_window))
             logs.update({"zo_projected_grad": g, "zo_loss_plus": lp, "zo_loss_minus": lm})
+            if self.zo_optimizer is not None and self.zo_optimizer.clip is not None:  # QZO clipping
+                logs["zo_clipped_total"] = self.zo_optimizer.n_clipped
             self._zo_window = []
         super().log(logs, start_time)
 

@@ -19,6 +19,7 @@ import torch
 
 from zoft.zo.estimate import DirectionEstimate
 from zoft.zo.perturb import ZOParameters
+from zoft.zo.qzo import clip_projected_grad
 
 
 @dataclass
@@ -30,6 +31,7 @@ class MeZOConfig:
     distribution: str = "gaussian"
     master_weights: str = "auto"
     seed: int | None = None  # default: TrainingArguments.seed
+    clip_projected_grad: float | None = None  # QZO: bound on |projected gradient| (zoft.zo.qzo)
 
 
 class MeZOOptimizer(torch.optim.Optimizer):
@@ -48,6 +50,7 @@ class MeZOOptimizer(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         n_directions: int = 1,
         on_update: Callable[[dict], None] | None = None,
+        clip: float | None = None,
     ) -> None:
         super().__init__(
             [{"params": list(zo.params.values())}], {"lr": lr, "weight_decay": weight_decay}
@@ -55,6 +58,9 @@ class MeZOOptimizer(torch.optim.Optimizer):
         self.zo = zo
         self.n_directions = n_directions
         self.on_update = on_update
+        self.clip = clip  # QZO: each recorded projected gradient is clipped to [-clip, clip]
+        self.n_clipped = 0  # how many recorded projected gradients were clipped (logged by the trainer)
+        self._step_clipped = 0
         self._pending_step: int | None = None
         self._pending: dict[int, float] = {}
         self._losses: dict[int, list[float]] = {}
@@ -64,7 +70,12 @@ class MeZOOptimizer(torch.optim.Optimizer):
             raise RuntimeError(f"MeZO: a step-{self._pending_step} update is still pending at step {step}")
         self._pending_step = step
         k = estimate.direction
-        self._pending[k] = self._pending.get(k, 0.0) + weight * estimate.projected_grad
+        g = estimate.projected_grad
+        if self.clip is not None:
+            g, clipped = clip_projected_grad(g, self.clip)
+            self.n_clipped += clipped
+            self._step_clipped += clipped
+        self._pending[k] = self._pending.get(k, 0.0) + weight * g
         lp, lm = self._losses.setdefault(k, [0.0, 0.0])
         self._losses[k] = [lp + weight * estimate.loss_plus, lm + weight * estimate.loss_minus]
 
@@ -89,9 +100,11 @@ class MeZOOptimizer(torch.optim.Optimizer):
                     "coefficients": coefficients,
                     "loss_plus": [self._losses[k][0] for k, _ in coefficients],
                     "loss_minus": [self._losses[k][1] for k, _ in coefficients],
+                    **({"clipped": self._step_clipped} if self.clip is not None else {}),
                 }
             )
         self._pending_step, self._pending, self._losses = None, {}, {}
+        self._step_clipped = 0
         return None
 
     def flush(self) -> None:

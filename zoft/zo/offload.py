@@ -324,7 +324,7 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
     arithmetic is :meth:`ZOParameters.apply_update`'s, so the weights equal eager MeZO's exactly.
 
     Args:
-        zo, lr, weight_decay, n_directions, on_update: as for :class:`MeZOOptimizer`.
+        zo, lr, weight_decay, n_directions, on_update, clip: as for :class:`MeZOOptimizer`.
         offloader: the :class:`BlockOffloader` of the model, or ``None``.
     """
 
@@ -336,8 +336,9 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         n_directions: int = 1,
         on_update: Callable[[dict], None] | None = None,
         offloader: BlockOffloader | None = None,
+        clip: float | None = None,
     ) -> None:
-        super().__init__(zo, lr, weight_decay, n_directions, on_update)
+        super().__init__(zo, lr, weight_decay, n_directions, on_update, clip)
         self.offloader = offloader
         self._deferred: tuple[int, list[tuple[int, float]], float, float] | None = None
         self._unapplied: set[str] = set()
