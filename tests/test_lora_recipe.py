@@ -158,10 +158,6 @@ def test_lora_pro_recipe_uses_the_lora_pro_optimizer_on_corrected_gradients(
          "peft.optimizer 'lora_pro' corrects LoRA gradients, not peft.method 'prefix_tuning'; use peft.method lora"),
         ("sgd", {**LORA, "optimizer": "lora_pro"},
          "peft.optimizer 'lora_pro' is an AdamW optimizer; use method adamw, not 'sgd'"),
-        ("adamw", {**LORA, "lora_ga": {"num_batches": 4}},
-         "peft.lora_ga is set but peft.init is 'default'; add peft.init: lora_ga or drop peft.lora_ga"),
-        ("adamw", {**LORA, "lora_pro": {"mode": "full"}},
-         "peft.lora_pro is set but peft.optimizer is 'default'; add peft.optimizer: lora_pro or drop peft.lora_pro"),
     ],
 )
 def test_misuse_is_one_line(tiny_llama_dir, sentiment_csv, tmp_path, method, peft, message):
@@ -176,3 +172,13 @@ def test_shipped_recipe_is_valid():
     recipe = load_recipe("configs/lora_ga_pro.yaml")
     assert recipe.peft.init == "lora_ga" and recipe.peft.optimizer == "lora_pro"
     assert recipe.method.name == "adamw"
+
+
+def test_a_lora_ga_pro_recipe_round_trips_through_its_saved_yaml(tiny_llama_dir, sentiment_csv, tmp_path):
+    from zoft.config import load_recipe, recipe_to_yaml
+
+    recipe = _recipe(tiny_llama_dir, sentiment_csv, tmp_path / "rt",
+                     peft={**LORA, "init": "lora_ga", "lora_ga": {"num_batches": 3, "scale": "stable"},
+                           "optimizer": "lora_pro", "lora_pro": {"mode": "full"}})
+    (tmp_path / "r.yaml").write_text(recipe_to_yaml(recipe))
+    assert load_recipe(tmp_path / "r.yaml").peft == recipe.peft

@@ -508,10 +508,6 @@ def _lora_combination_problem(recipe: Recipe) -> str | None:
         )
     if p.optimizer == "lora_pro" and recipe.privacy is not None:
         return "peft.optimizer 'lora_pro' with privacy is not supported (the private step has its own optimizer)"
-    if "lora_ga" in p.model_fields_set and p.init != "lora_ga":
-        return "peft.lora_ga is set but peft.init is 'default'; add peft.init: lora_ga or drop peft.lora_ga"
-    if "lora_pro" in p.model_fields_set and p.optimizer != "lora_pro":
-        return "peft.lora_pro is set but peft.optimizer is 'default'; add peft.optimizer: lora_pro or drop peft.lora_pro"
     return None
 
 
