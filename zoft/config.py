@@ -176,6 +176,40 @@ class MethodSection(Section):
         return self.clip_projected_grad
 
 
+# ---- LoRA-GA / LoRA-Pro (issue 5; zoft/lora/ga.py, zoft/lora/pro.py) ---------------------------
+
+
+class LoraGASection(Section):
+    """LoRA-GA initialization settings (used when ``peft.init`` is ``lora_ga``)."""
+
+    num_batches: int = Field(
+        8, ge=1, description="Training batches (of train.per_device_train_batch_size) whose mean gradient "
+        "is decomposed to initialize A and B; the training set must have at least this many."
+    )
+    scale: Literal["paper", "stable", "unit", "weight_svd", "gd_scale"] = Field(
+        "paper",
+        description="paper: the paper's Algorithm 1 (A, B = scaled singular vectors of the gradient); "
+        "stable/unit/weight_svd/gd_scale: peft's lora_ga scalings as they are (see zoft/lora/ga.py).",
+    )
+    stable_gamma: float = Field(
+        16.0, gt=0, description="The paper's gamma: A and B are scaled by out_features**0.25 / sqrt(gamma) "
+        "(paper and stable scales); larger means smaller adapters at step 0."
+    )
+
+
+class LoraProSection(Section):
+    """LoRA-Pro optimizer settings (used when ``peft.optimizer`` is ``lora_pro``)."""
+
+    mode: Literal["efficient", "full"] = Field(
+        "efficient",
+        description="efficient: correct the A/B gradients, then AdamW on A and B (LoRA's memory); full: the "
+        "paper's Adam on the equivalent gradient, two fp32 moments the size of each adapted weight.",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
 class PeftSection(Section):
     method: Literal["lora", "prefix_tuning"] = Field("lora", description="The peft adapter to train.")
     r: int = Field(8, ge=1, description="LoRA rank.")
@@ -185,6 +219,21 @@ class PeftSection(Section):
         None, description="Module names or 'all-linear'; default: peft's choice for the architecture."
     )
     num_virtual_tokens: int = Field(20, ge=1, description="prefix_tuning: prefix length.")
+    # issue 5
+    init: Literal["default", "lora_ga"] = Field(
+        "default",
+        description="default: peft's LoRA init (B = 0); lora_ga: LoRA-GA, A and B from the SVD of the gradient "
+        "over peft.lora_ga.num_batches training batches (first-order methods only; see docs/lora.md).",
+    )
+    lora_ga: LoraGASection = Field(default_factory=LoraGASection, description="LoRA-GA settings (peft.init lora_ga).")
+    optimizer: Literal["default", "lora_pro"] = Field(
+        "default",
+        description="default: the method's optimizer; lora_pro: LoRA-Pro, AdamW on gradients corrected so the "
+        "low-rank update best approximates the full gradient (method adamw only).",
+    )
+    lora_pro: LoraProSection = Field(
+        default_factory=LoraProSection, description="LoRA-Pro settings (peft.optimizer lora_pro)."
+    )
 
 
 def _training_argument_names() -> set[str]:
@@ -472,6 +521,9 @@ class Recipe(Section):
                 "privacy with offload or distributed is not supported: the private step runs in one "
                 "process with the model in memory; drop offload/distributed"
             )
+        lora_problem = _lora_combination_problem(self)  # issue 5
+        if lora_problem:
+            raise ValueError(lora_problem)
         privacy_problem = _privacy_combination_problem(self)  # issue 8
         if privacy_problem:
             raise ValueError(privacy_problem)
@@ -484,6 +536,30 @@ class Recipe(Section):
                 )
         _qzo_addax_combinations(self)  # QZO / Addax
         return self
+
+
+def _lora_combination_problem(recipe: Recipe) -> str | None:
+    """One line naming the keys when peft.init / peft.optimizer (LoRA-GA, LoRA-Pro) do not fit the recipe."""
+    p = recipe.peft
+    if p is None:
+        return None
+    method = recipe.method.name
+    if p.init == "lora_ga" and p.method != "lora":
+        return f"peft.init 'lora_ga' initializes LoRA adapters, not peft.method '{p.method}'; use peft.method lora"
+    if p.optimizer == "lora_pro" and p.method != "lora":
+        return f"peft.optimizer 'lora_pro' corrects LoRA gradients, not peft.method '{p.method}'; use peft.method lora"
+    if p.optimizer == "lora_pro" and recipe.method.is_zeroth_order:
+        return f"peft.optimizer 'lora_pro': LoRA-Pro corrects gradients, and method '{method}' has none; use method adamw"
+    if p.optimizer == "lora_pro" and method != "adamw":
+        return f"peft.optimizer 'lora_pro' is an AdamW optimizer; use method adamw, not '{method}'"
+    if p.init == "lora_ga" and recipe.method.is_zeroth_order:
+        return (
+            f"peft.init 'lora_ga' offsets the base weights from first-order gradients, which method '{method}' "
+            "(and zoft replay) does not use; use method adamw or sgd"
+        )
+    if p.optimizer == "lora_pro" and recipe.privacy is not None:
+        return "peft.optimizer 'lora_pro' with privacy is not supported (the private step has its own optimizer)"
+    return None
 
 
 def _privacy_combination_problem(recipe: Recipe) -> str | None:

@@ -73,21 +73,27 @@ def load_model(
     return model
 
 
-def apply_peft(model, peft_cfg, task: str = "causal_lm"):
-    """Wrap ``model`` with the recipe's peft adapter; only the adapter's parameters stay trainable."""
-    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+def peft_config(peft_cfg, task: str = "causal_lm"):
+    """The peft config (LoraConfig / PrefixTuningConfig) of the recipe's peft section."""
+    from peft import LoraConfig, PrefixTuningConfig, TaskType
 
     task_type = TaskType.SEQ_CLS if task == "sequence_classification" else TaskType.CAUSAL_LM
     if peft_cfg.method == "lora":
-        config = LoraConfig(
+        return LoraConfig(
             task_type=task_type,
             r=peft_cfg.r,
             lora_alpha=peft_cfg.alpha,
             lora_dropout=peft_cfg.dropout,
             target_modules=peft_cfg.target_modules,
         )
-    else:
-        config = PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens)
+    return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=peft_cfg.num_virtual_tokens)
+
+
+def apply_peft(model, peft_cfg, task: str = "causal_lm"):
+    """Wrap ``model`` with the recipe's peft adapter; only the adapter's parameters stay trainable."""
+    from peft import get_peft_model
+
+    config = peft_config(peft_cfg, task)
     try:
         return get_peft_model(model, config)
     except ValueError as e:

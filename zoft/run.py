@@ -82,15 +82,20 @@ def training_arguments(recipe: Recipe):
         raise ZoftError(f"train: {first[:400]}") from None
 
 
-def build_model_and_tokenizer(recipe: Recipe):
-    """The base model (+ peft adapter) exactly as a run builds it; ``zoft replay`` uses it too."""
+def build_model_and_tokenizer(recipe: Recipe, *, tokenizer=None, init_data=None, device=None):
+    """The base model (+ peft adapter) exactly as a run builds it; ``zoft replay`` uses it too.
+
+    ``init_data`` (a :class:`zoft.data.DataBundle`) and ``device`` are needed with ``peft.init: lora_ga``
+    only, whose initialization runs on training batches before the peft wrap.
+    """
     from transformers import set_seed
 
     from zoft.models import apply_peft, load_model, load_tokenizer
 
     set_seed(recipe.train.seed)  # LoRA's random init must be the same in a run and its replay
     m = recipe.model
-    tokenizer = load_tokenizer(m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code)
     num_labels = len(recipe.data.verbalizers) if m.task == "sequence_classification" else None
     model = load_model(
         m.name,
@@ -111,7 +116,9 @@ def build_model_and_tokenizer(recipe: Recipe):
             target_modules=m.quantization_target_modules,
             model_name=m.name,
         )
-    if recipe.peft is not None:
+    if recipe.peft is not None and recipe.peft.init == "lora_ga":  # issue 5
+        model = _lora_ga_model(model, recipe, init_data, device)
+    elif recipe.peft is not None:
         model = apply_peft(model, recipe.peft, m.task)
     if recipe.memory is not None and recipe.memory.wta_crs is not None:
         from zoft.memory.wta_crs import apply_wta_crs
@@ -132,8 +139,16 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         from zoft.zo.offload import check_cpu_memory
 
         check_cpu_memory(shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype], _cpu_available())
-    model, tokenizer = build_model_and_tokenizer(recipe)
-    data = build_datasets(recipe.data, tokenizer, recipe.model.task)
+    tokenizer = data = None
+    if _uses_lora_ga(recipe):  # issue 5: LoRA-GA's init needs training batches before the model is wrapped
+        from zoft.models import load_tokenizer
+
+        m = recipe.model
+        tokenizer = load_tokenizer(m.tokenizer or m.name, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        data = build_datasets(recipe.data, tokenizer, recipe.model.task)
+    model, tokenizer = build_model_and_tokenizer(recipe, tokenizer=tokenizer, init_data=data, device=args.device)
+    if data is None:
+        data = build_datasets(recipe.data, tokenizer, recipe.model.task)
     zo = None
     if recipe.method.is_zeroth_order:
         zo = MeZOConfig(
@@ -181,6 +196,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         offloader=offloader,
         distributed=distributed,
         **({"addax": addax} if addax is not None else {}),
+        optimizers=(_lora_pro_optimizer(model, recipe, args), None),  # issue 5; None: the method's optimizer
     )
 
 
@@ -198,6 +214,84 @@ def _addax_config(recipe: Recipe, model, train_rows):
     alpha = 0.05 if m.alpha is None else m.alpha
     check_split(lengths, threshold, alpha)
     return AddaxConfig(threshold, alpha, m.zo_batch_size or batch, fo_batch)
+
+
+# ---- LoRA-GA / LoRA-Pro (issue 5; zoft/lora/ga.py, zoft/lora/pro.py, docs/lora.md) -------------
+
+LORA_GA_INIT_DIR = "lora_ga_init"  # the step-0 adapter inside output.dir, needed to export the final one
+
+
+def _uses_lora_ga(recipe: Recipe) -> bool:
+    return recipe.peft is not None and recipe.peft.init == "lora_ga"
+
+
+def _lora_ga_model(model, recipe: Recipe, data, device):
+    """Wrap the base model with LoRA adapters initialized by LoRA-GA from ``peft.lora_ga.num_batches`` batches.
+
+    The batches are the run's training batches (train.per_device_train_batch_size, the data bundle's
+    collator, shuffled with train.seed). For verbalizer classification the gradient is that of the loss
+    the run trains (cross-entropy over the verbalizer scores, as ``ZoftTrainer.compute_loss``), not of the
+    model's own ``labels`` loss. The step-0 adapter is saved to ``output.dir/lora_ga_init``.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from zoft.lora.ga import init_lora_ga
+    from zoft.models import peft_config
+
+    ga = recipe.peft.lora_ga
+    batch_size = recipe.train.per_device_train_batch_size
+    available = math.ceil(len(data.train) / batch_size)
+    if available < ga.num_batches:
+        raise ZoftError(
+            f"peft.lora_ga.num_batches: LoRA-GA needs {ga.num_batches} gradient batches but the training set "
+            f"has {len(data.train)} examples ({available} batches of {batch_size}); lower it to at most {available}"
+        )
+    loader = DataLoader(
+        data.train,
+        batch_size=batch_size,
+        shuffle=True,
+        collate_fn=data.collator,
+        generator=torch.Generator().manual_seed(recipe.train.seed),
+    )
+    model.to(device)  # the Trainer would move it anyway; the gradient passes run where training will
+    batches = ({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loader)
+    loss_fn = None
+    if data.kind == "verbalizer":
+        from zoft.losses import verbalizer_loss, verbalizer_scores
+
+        def loss_fn(m, batch):
+            return verbalizer_loss(verbalizer_scores(m, batch), batch["cls_labels"])
+
+    return init_lora_ga(
+        model,
+        peft_config(recipe.peft, recipe.model.task),
+        batches,
+        ga.num_batches,
+        scale=ga.scale,
+        stable_gamma=ga.stable_gamma,
+        initial_adapter_dir=Path(recipe.output.dir) / LORA_GA_INIT_DIR,
+        loss_fn=loss_fn,
+    )
+
+
+def _lora_pro_optimizer(model, recipe: Recipe, args):
+    """The LoRA-Pro optimizer for ``peft.optimizer: lora_pro``; None otherwise (HF builds the method's)."""
+    if recipe.peft is None or recipe.peft.optimizer != "lora_pro":
+        return None
+    from zoft.lora.pro import create_lora_pro_optimizer
+
+    return create_lora_pro_optimizer(
+        model,
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        mode=recipe.peft.lora_pro.mode,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _with_perplexity(metrics: dict) -> dict:
@@ -244,6 +338,10 @@ def train(recipe: Recipe) -> dict:
         print(f"zoft: after training:  {_summary(metrics['after'])}", flush=True)
     if recipe.output.save_model:
         trainer.save_model(str(out))
+        if _uses_lora_ga(recipe):  # issue 5: replace the adapter of the offset base by one for the original base
+            from zoft.lora.ga import save_lora_ga_adapter
+
+            save_lora_ga_adapter(trainer.model, out, out / LORA_GA_INIT_DIR)
     _write_json(metrics_path, metrics)
     print(f"zoft: saved to {out} (metrics in {metrics_path})", flush=True)
     return metrics

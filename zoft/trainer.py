@@ -161,11 +161,17 @@ class ZoftTrainer(Trainer):
                 len(self.train_dataset), self.args.per_device_train_batch_size, d.pp, self.args.seed, shard=shard
             )
         return super()._get_train_sampler(*args, **kwargs)
-    # -- Addax (zoft/zo/addax.py): two loaders, ZO on long + in-place SGD on short sequences ----------
 
     def get_train_dataloader(self):
+        if self.dp is not None and self.dp.poisson:  # DP-SGD's Poisson sampling (zoft/privacy)
+            return self.dp.train_dataloader(self.train_dataset, self.data_collator, self.args.dataloader_num_workers)
         if self.addax_config is None:
             return super().get_train_dataloader()
+        return self._addax_train_dataloader()
+
+    # -- Addax (zoft/zo/addax.py): two loaders, ZO on long + in-place SGD on short sequences ----------
+
+    def _addax_train_dataloader(self):
         from zoft.zo.addax import AddaxLoader, split_by_length
 
         cfg = self.addax_config
@@ -260,11 +266,6 @@ class ZoftTrainer(Trainer):
                 logs["zo_clipped_total"] = self.zo_optimizer.n_clipped
             self._zo_window = []
         super().log(logs, start_time)
-
-    def get_train_dataloader(self):
-        if self.dp is not None and self.dp.poisson:
-            return self.dp.train_dataloader(self.train_dataset, self.data_collator, self.args.dataloader_num_workers)
-        return super().get_train_dataloader()
 
     def privacy_report(self) -> dict | None:
         """Epsilon spent and the settings it depends on; None for a non-private run."""

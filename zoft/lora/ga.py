@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
@@ -102,6 +102,7 @@ def estimate_target_gradients(
     weights: Mapping[str, nn.Parameter],
     batches: Iterable[Mapping[str, Any]],
     num_batches: int,
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Average the loss gradient of some weights over ``num_batches`` batches, one gradient alive at a time.
 
@@ -115,6 +116,8 @@ def estimate_target_gradients(
         weights: Name -> parameter of the weights whose gradient is wanted.
         batches: Model input dicts with ``labels``; the first ``num_batches`` are used.
         num_batches: How many batches to average over (>= 1).
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` for batches whose loss is not the model's own
+            (e.g. verbalizer classification); default ``model(**batch).loss``.
 
     Returns:
         Name -> the mean gradient (fp32, the parameter's shape and device).
@@ -161,7 +164,7 @@ def estimate_target_gradients(
                     f"lower num_batches to at most {seen} or provide more data"
                 ) from None
             with torch.enable_grad():
-                loss = model(**batch).loss
+                loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
                 if loss is None:
                     raise ZoftError("LoRA-GA: the model returned no loss; each batch must contain 'labels'")
                 loss.backward()
@@ -218,6 +221,7 @@ def init_lora_ga(
     direction: Literal["ArBr", "A2rBr", "ArB2r", "random"] = "ArB2r",
     adapter_name: str = "default",
     initial_adapter_dir: str | os.PathLike | None = None,
+    loss_fn: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
 ):
     """Wrap ``model`` with LoRA adapters initialized by LoRA-GA.
 
@@ -240,6 +244,8 @@ def init_lora_ga(
         initial_adapter_dir: If given, the adapter at step 0 is saved there (with
             ``init_lora_weights=True`` in its config, as peft's conversion requires), and remembered on
             the returned model for :func:`save_lora_ga_adapter`.
+        loss_fn: ``loss_fn(model, batch) -> scalar loss`` when the training loss is not the model's own
+            ``labels`` loss (e.g. verbalizer classification); default ``model(**batch).loss``.
 
     Returns:
         The ``peft.PeftModel``; its output equals the original model's (up to rounding of the offset).
@@ -260,7 +266,7 @@ def init_lora_ga(
         raise ZoftError("LoRA-GA initializes plain LoRA; set use_dora=False")
     targets = _target_modules(model, config)
     grads = estimate_target_gradients(
-        model, {name: module.weight for name, module in targets}, batches, num_batches
+        model, {name: module.weight for name, module in targets}, batches, num_batches, loss_fn
     )
     attr = _ZOFT_GRAD_ATTR if scale == "paper" else _PEFT_GRAD_ATTR
     for name, module in targets:
