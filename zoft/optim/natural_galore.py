@@ -455,27 +455,25 @@ def _world_size() -> int:
     return 1
 
 
-def _layerwise_base() -> type[torch.optim.Optimizer]:
-    # Subclassing transformers' dummy is what makes HF's get_scheduler give each parameter its own scheduler.
-    from transformers.trainer_pt_utils import LayerWiseDummyOptimizer
-
-    return LayerWiseDummyOptimizer
-
-
-class NaturalGaLoreLayerwise(_layerwise_base()):
+class NaturalGaLoreLayerwise(torch.optim.Optimizer):
     """The object for HF's optimizer slot when each parameter is stepped inside its gradient hook.
 
     It registers a ``register_post_accumulate_grad_hook`` on every parameter of ``optimizer_dict``: when the
     parameter's gradient is complete the hook runs that parameter's own :class:`NaturalGaLore` and sets the
     gradient to None, so at most one parameter's full gradient exists at a time. ``step()`` and
     ``zero_grad()`` do no work; ``step()`` checks that no parameter was stepped twice since the previous
-    call (which is what gradient accumulation would do) and raises ZoftError if so. Because it subclasses
-    transformers' ``LayerWiseDummyOptimizer``, HF's ``get_scheduler`` attaches one LR scheduler per
-    parameter. ``state_dict()`` gathers the per-parameter optimizers' states (tensors and ints only).
+    call (which is what gradient accumulation would do) and raises ZoftError if so.
+
+    Learning-rate schedules: the object has one param group (on a placeholder tensor) whose ``lr`` any
+    scheduler may drive; each hook scales the per-parameter optimizers' initial learning rates by
+    ``current lr / initial lr`` before stepping. This works whether or not HF/accelerate wraps the object
+    (transformers' own ``LayerWiseDummyOptimizer`` relies on ``get_scheduler`` seeing the unwrapped dummy,
+    which it does not after ``accelerator.prepare``). ``state_dict()`` gathers the per-parameter
+    optimizers' states (tensors and ints only).
 
     Args:
         optimizer_dict: Parameter -> the one-parameter optimizer that updates it.
-        lr: The learning rate reported to HF (the per-parameter optimizers carry their own).
+        lr: The initial learning rate (the reference for the schedule's ratio).
         **kwargs: Ignored (HF passes extra arguments to dummy optimizers).
 
     Raises:
@@ -484,16 +482,26 @@ class NaturalGaLoreLayerwise(_layerwise_base()):
 
     def __init__(self, optimizer_dict: dict[torch.Tensor, torch.optim.Optimizer], lr: float = 1e-3, **kwargs):
         check_layerwise_compatible(1, _world_size())
-        super().__init__(optimizer_dict=optimizer_dict, lr=lr)
+        super().__init__([torch.zeros(1)], {"lr": lr})
+        self.optimizer_dict = optimizer_dict
+        self._initial_lr = lr
+        self._initial_lrs = {id(p): [g["lr"] for g in opt.param_groups] for p, opt in optimizer_dict.items()}
         self._steps_since_boundary: dict[int, int] = {}
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook) for p in optimizer_dict if p.requires_grad
         ]
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Nothing to do: the hooks free each gradient after using it."""
+
     def _hook(self, p: torch.Tensor) -> None:
         if p.grad is None:
             return
-        self.optimizer_dict[p].step()
+        opt = self.optimizer_dict[p]
+        ratio = self.param_groups[0]["lr"] / self._initial_lr if self._initial_lr else 0.0
+        for group, initial in zip(opt.param_groups, self._initial_lrs[id(p)]):
+            group["lr"] = initial * ratio
+        opt.step()
         p.grad = None
         self._steps_since_boundary[id(p)] = self._steps_since_boundary.get(id(p), 0) + 1
 
@@ -515,8 +523,11 @@ class NaturalGaLoreLayerwise(_layerwise_base()):
         self._handles = []
 
     def state_dict(self) -> dict[str, Any]:
-        """The per-parameter optimizers' state dicts, in ``optimizer_dict`` order."""
-        return {"layerwise": [opt.state_dict() for opt in self.optimizer_dict.values()]}
+        """The per-parameter optimizers' state dicts (``optimizer_dict`` order) and the scheduled lr."""
+        return {
+            "layerwise": [opt.state_dict() for opt in self.optimizer_dict.values()],
+            "lr": self.param_groups[0]["lr"],
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load what :meth:`state_dict` produced (same model, same parameter order)."""
@@ -530,6 +541,7 @@ class NaturalGaLoreLayerwise(_layerwise_base()):
             )
         for opt, sd in zip(opts, state_dict["layerwise"]):
             opt.load_state_dict(sd)
+        self.param_groups[0]["lr"] = state_dict["lr"]
 
 
 def _adam_kwargs(lr: float, betas: tuple[float, float], eps: float) -> dict[str, Any]:
