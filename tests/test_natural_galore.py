@@ -300,10 +300,10 @@ def _trainer(model, tmp_path, steps, **kwargs):
 def test_hf_trainer_trains_with_projected_state(tmp_path):
     model = tiny_llama()
     pair = natural_galore_cls_and_kwargs(model, lr=1e-2, rank=8, update_proj_gap=5, history=4)
-    trainer = _trainer(model, tmp_path, 12, optimizer_cls_and_kwargs=pair)
+    trainer = _trainer(model, tmp_path, 8, optimizer_cls_and_kwargs=pair)
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
+    assert len(losses) == 8 and losses[-1] < 0.9 * losses[0]
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert isinstance(opt, NaturalGaLore)
     layer = model.model.layers[0]
