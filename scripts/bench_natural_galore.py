@@ -119,6 +119,8 @@ def worker(name: str, args) -> dict:
     model.train()
     blocks = _blocks(tokenizer, args.steps * BATCH + EVAL_BLOCKS)
     train, held_out = blocks[: args.steps * BATCH], blocks[args.steps * BATCH :]
+    with torch.no_grad():
+        held_before = model(input_ids=held_out, labels=held_out).loss.item()
     opt = _make_optimizer(name, model, args)
     layerwise = hasattr(opt, "optimizer_dict")
     rss_loaded = _rss_mb("VmRSS")
@@ -149,6 +151,7 @@ def worker(name: str, args) -> dict:
         "first_loss": losses[0],
         "last_loss": losses[-1],
         "held_out_loss": held,
+        "held_out_before": held_before,
         "layerwise": layerwise,
     }
 
@@ -222,6 +225,7 @@ def main() -> None:
         sys.exit("every configuration failed")
     print()
     print(
+        f"Held-out loss before training: {results[0]['held_out_before']:.3f}. "
         f"Model + data resident after loading: {results[0]['rss_loaded_mb']:.0f} MB. Natural GaLore's state is "
         f"dominated by its gradient window (history s copies of each projected gradient), not by Adam's "
         f"moments; the history-4 row shows that trade-off. With T={args.update_proj_gap} > {args.steps} steps "
