@@ -27,6 +27,7 @@ TRAIN = {
     "lr_scheduler_type": "linear",
     "warmup_steps": 2,
     "save_strategy": "no",
+    "use_cpu": True,  # the plain-loop reference runs on CPU; bit-identity needs the same device
 }
 
 
