@@ -65,7 +65,7 @@ def test_dotted_overrides_are_typed_and_validated_like_the_file(tmp_path):
     [
         ({"model": {"name": "m", "dtyp": "float32"}},
          "model.dtyp: unknown key; did you mean 'model.dtype'? (expected one of: name, task, dtype, revision, tokenizer, trust_remote_code, quantization, quantization_blocksize, quantization_target_modules)"),
-        ({"method": "mezoo"}, "method.name: Input should be 'mezo', 'qzo', 'addax', 'adamw' or 'sgd' (got 'mezoo')"),
+        ({"method": "mezoo"}, "method.name: Input should be 'mezo', 'qzo', 'addax', 'adamw', 'sgd' or 'natural_galore' (got 'mezoo')"),
         ({"method": {"name": "mezo", "eps": 0}}, "method.eps: Input should be greater than 0 (got 0)"),
         ({"train": {"learning_rat": 1e-6}},
          "train.learning_rat: unknown key (not a transformers.TrainingArguments field); did you mean 'train.learning_rate'?"),

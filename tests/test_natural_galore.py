@@ -322,15 +322,28 @@ def test_hf_trainer_trains_with_projected_state(tmp_path):
     assert opt.state[emb]["exp_avg"].shape == emb.shape and "basis" not in opt.state[emb]
 
 
-def test_hf_trainer_layerwise_runs_per_parameter_schedulers(tmp_path):
+@pytest.mark.parametrize("entry", ["optimizers", "optimizer_cls_and_kwargs"])
+def test_hf_trainer_layerwise_runs_per_parameter_schedulers(tmp_path, entry):
+    """HF builds its scheduler on accelerate's wrapper of the dummy; each hook must still step with the lr the
+    schedule gives for that step (here linear: lr * (1 - k/6) at step k), recorded by a hook that runs after
+    the optimizer's."""
     model = tiny_llama()
-    lw = create_natural_galore_optimizer(model, lr=1e-2, rank=8, update_proj_gap=5, history=4, layerwise=True)
-    trainer = _trainer(model, tmp_path, 6, optimizers=(lw, None))
+    hyper = {"lr": 1e-2, "rank": 8, "update_proj_gap": 5, "history": 4, "layerwise": True}
+    if entry == "optimizers":
+        kwargs = {"optimizers": (create_natural_galore_optimizer(model, **hyper), None)}
+    else:
+        kwargs = {"optimizer_cls_and_kwargs": natural_galore_cls_and_kwargs(model, **hyper)}
+    trainer = _trainer(model, tmp_path, 6, **kwargs)
+    trainer.create_optimizer()
+    lw = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    assert isinstance(lw, NaturalGaLoreLayerwise)
+    q = model.model.layers[0].self_attn.q_proj.weight
+    used = []
+    q.register_post_accumulate_grad_hook(lambda p: used.append(lw.optimizer_dict[q].param_groups[0]["lr"]))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert losses[-1] < losses[0]
-    # HF's linear schedule drives the placeholder group; the 6th (last) hook step used lr * (1 - 5/6).
-    q = model.model.layers[0].self_attn.q_proj.weight
-    assert lw.optimizer_dict[q].param_groups[0]["lr"] == pytest.approx(1e-2 / 6)
+    assert used == pytest.approx([1e-2 * (1 - k / 6) for k in range(6)], rel=1e-12)
+    assert lw.optimizer_dict[q].state[q]["step"] == 6  # stepped once per step, by its hook
     assert lw.optimizer_dict[q].state[q]["exp_avg"].shape == (32, 8)
     lw.remove_hooks()

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from zoft.errors import RecipeError
 
 ZO_METHODS = ("mezo", "qzo", "addax")  # addax: ZO on long sequences + in-place SGD on short ones
-FO_METHODS = ("adamw", "sgd")
+FO_METHODS = ("adamw", "sgd", "natural_galore")  # natural_galore: zoft/optim/natural_galore.py
 METHODS = ZO_METHODS + FO_METHODS
 
 
@@ -110,13 +110,29 @@ class DataSection(Section):
         return self
 
 
+# Natural GaLore's defaults (the GaLore paper's fine-tuning settings, plus the Fisher window); the same
+# numbers as zoft/optim/natural_galore.py's DEFAULT_* (a test keeps them equal; config stays torch-free).
+NATURAL_GALORE_DEFAULTS: dict[str, Any] = {
+    "rank": 128,
+    "update_proj_gap": 200,
+    "scale": 0.25,
+    "history": 20,
+    "damping": 1.0,
+    "target_modules": "all-linear",
+    "layerwise": False,
+    "refresh": "reproject",
+}
+
+
 class MethodSection(Section):
-    name: Literal["mezo", "qzo", "addax", "adamw", "sgd"] = Field(
+    name: Literal["mezo", "qzo", "addax", "adamw", "sgd", "natural_galore"] = Field(
         "mezo",
         description="mezo: zeroth-order SGD (two forwards, no backward, inference memory); "
         "qzo: MeZO on the scales of a 4-bit model (model.quantization: nf4), clipped; "
         "addax: ZO on long sequences + in-place first-order SGD on short ones; "
-        "adamw / sgd: the standard first-order fine-tune through HF Trainer.",
+        "adamw / sgd: the standard first-order fine-tune through HF Trainer; "
+        "natural_galore: full-parameter first-order training with Natural GaLore (low-rank projected Adam "
+        "state + inverse empirical Fisher; see docs/natural_galore.md).",
     )
     eps: float = Field(1e-3, gt=0, description="ZO: perturbation scale of the two forwards.")
     n_directions: int = Field(1, ge=1, le=64, description="ZO: random directions per step (n-SPSA).")
@@ -159,10 +175,68 @@ class MethodSection(Section):
     )
     # --- end QZO / Addax ---
 
+    # --- Natural GaLore (zoft/optim/natural_galore.py, docs/natural_galore.md) ---
+    # None means "not set"; with method natural_galore the defaults below are filled in (so a resolved recipe
+    # shows them), with any other method a set key is an error.
+    rank: int | None = Field(
+        None,
+        ge=1,
+        description="natural_galore: rank r of each projected weight's gradient (default 128); Adam's two moments "
+        "of an m x n weight then hold r * max(m, n) numbers each instead of m * n.",
+    )
+    update_proj_gap: int | None = Field(
+        None, ge=1, description="natural_galore: T, optimizer steps between the SVD refreshes of each projection "
+        "(default 200; one SVD per projected weight every T steps)."
+    )
+    scale: float | None = Field(
+        None, gt=0, description="natural_galore: GaLore's alpha, multiplies the low-rank update mapped back to "
+        "full size (default 0.25)."
+    )
+    history: int | None = Field(
+        None,
+        ge=0,
+        description="natural_galore: s, the last s projected gradients whose empirical Fisher preconditions the "
+        "step through an s x s solve (default 20; 0 = plain GaLore). Costs s projected-gradient copies per weight.",
+    )
+    damping: float | None = Field(
+        None,
+        gt=0,
+        description="natural_galore: Fisher damping relative to the window's mean squared gradient norm "
+        "(default 1.0); larger is closer to plain GaLore, smaller whitens harder.",
+    )
+    target_modules: list[str] | str | None = Field(
+        None,
+        description="natural_galore: linear layers whose gradients are projected: 'all-linear' (default; not "
+        "lm_head or embeddings), a regex over full module names, or a list of names; every other trained "
+        "parameter gets plain AdamW.",
+    )
+    layerwise: bool | None = Field(
+        None,
+        description="natural_galore: update each parameter in its gradient hook during the backward pass and "
+        "free its gradient, so full gradients are never all held (default false); needs "
+        "train.gradient_accumulation_steps 1, one process and no train.max_grad_norm.",
+    )
+    refresh: Literal["reproject", "keep"] | None = Field(
+        None,
+        description="natural_galore: Adam's moments when a projection is refreshed (default reproject): reproject "
+        "re-expresses them in the new basis; keep leaves their coordinates as they are (galore-torch). The "
+        "Fisher window is always re-projected.",
+    )
+    # --- end Natural GaLore ---
+
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, v: Any) -> Any:
-        return {"name": v} if isinstance(v, str) else v
+        v = {"name": v} if isinstance(v, str) else v
+        if isinstance(v, dict) and v.get("name") == "natural_galore":
+            v = {**v, **{k: d for k, d in NATURAL_GALORE_DEFAULTS.items() if v.get(k) is None}}
+        return v
+
+    def natural_galore_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments of ``zoft.optim.create_natural_galore_optimizer`` (defaults for unset keys)."""
+        v = {k: d if getattr(self, k) is None else getattr(self, k) for k, d in NATURAL_GALORE_DEFAULTS.items()}
+        v["reproject_moments"] = v.pop("refresh") == "reproject"
+        return v
 
     @property
     def is_zeroth_order(self) -> bool:
@@ -535,6 +609,9 @@ class Recipe(Section):
                     f"drop the {key} section for first-order training"
                 )
         _qzo_addax_combinations(self)  # QZO / Addax
+        galore_problem = _natural_galore_combination_problem(self)
+        if galore_problem:
+            raise ValueError(galore_problem)
         return self
 
 
@@ -656,6 +733,46 @@ def _qzo_addax_combinations(recipe: Recipe) -> None:
 
 
 # --- end QZO / Addax ---
+
+
+def _natural_galore_combination_problem(recipe: Recipe) -> str | None:
+    """One line naming the keys when method natural_galore (or its keys) do not fit the recipe."""
+    method = recipe.method
+    if method.name != "natural_galore":
+        set_keys = [f"method.{k}" for k in NATURAL_GALORE_DEFAULTS if getattr(method, k) is not None]
+        if set_keys:
+            return f"{', '.join(set_keys)}: only used by method 'natural_galore' (method is '{method.name}')"
+        return None
+    if recipe.peft is not None:
+        return (
+            "method 'natural_galore' is full-parameter training (it projects the gradients of the model's own "
+            "weights); drop the peft section, or use method adamw to train adapters"
+        )
+    if recipe.privacy is not None:
+        return "privacy with method 'natural_galore' is not supported in this version; use method adamw or sgd"
+    extra = recipe.train.model_extra or {}
+    for key, use in (("optim", "method natural_galore is the optimizer"),
+                     ("optim_target_modules", "use method.target_modules")):
+        if key in extra:
+            return f"train.{key}: not used with method 'natural_galore' ({use}); drop it"
+    if method.layerwise:
+        if recipe.train.gradient_accumulation_steps != 1:
+            return (
+                "train.gradient_accumulation_steps: method.layerwise updates each weight during the backward pass "
+                "and frees its gradient, so nothing can be accumulated; set it to 1 (raise "
+                "train.per_device_train_batch_size instead) or set method.layerwise: false"
+            )
+        if float(extra.get("max_grad_norm") or 0) > 0:
+            return (
+                "train.max_grad_norm: method.layerwise applies each gradient as soon as it is computed, so there is "
+                "no global gradient norm to clip; drop it or set method.layerwise: false"
+            )
+        if extra.get("fp16"):
+            return (
+                "train.fp16 with method.layerwise: the fp16 loss scaler unscales gradients only before "
+                "optimizer.step, after the layer-wise updates; use bf16 or float32, or method.layerwise: false"
+            )
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ def training_arguments(recipe: Recipe):
         kwargs.setdefault("optim", "sgd")
     elif recipe.method.name == "adamw":
         kwargs.setdefault("optim", "adamw_torch")
+    elif recipe.method.name == "natural_galore" and recipe.method.natural_galore_kwargs()["layerwise"]:
+        kwargs["max_grad_norm"] = 0.0  # gradients are applied and freed in their hooks: nothing left to clip
     try:
         return TrainingArguments(**kwargs)
     except (ValueError, TypeError) as e:
@@ -197,6 +199,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False):
         distributed=distributed,
         **({"addax": addax} if addax is not None else {}),
         optimizers=(_lora_pro_optimizer(model, recipe, args), None),  # issue 5; None: the method's optimizer
+        optimizer_cls_and_kwargs=_natural_galore_cls_and_kwargs(model, recipe, args),
     )
 
 
@@ -289,6 +292,32 @@ def _lora_pro_optimizer(model, recipe: Recipe, args):
         eps=args.adam_epsilon,
         mode=recipe.peft.lora_pro.mode,
     )
+
+
+def _natural_galore_cls_and_kwargs(model, recipe: Recipe, args):
+    """HF's ``optimizer_cls_and_kwargs`` for method natural_galore; None otherwise (HF builds the method's).
+
+    The learning rate, weight decay and Adam's betas/eps come from the train section (TrainingArguments), the
+    projection settings from the method section. The groups are built here, from the model the Trainer gets.
+    """
+    if recipe.method.name != "natural_galore":
+        return None
+    from zoft.optim import natural_galore_cls_and_kwargs
+
+    try:
+        return natural_galore_cls_and_kwargs(
+            model,
+            lr=args.learning_rate,
+            weight_decay=args.weight_decay,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_epsilon,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            **recipe.method.natural_galore_kwargs(),
+        )
+    except ZoftError as e:
+        if str(e).startswith("target_modules"):  # name the recipe key
+            raise ZoftError(f"method.{e}") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -290,6 +290,16 @@ def _module_matches(target_modules: str | Sequence[str], name: str) -> bool:
     return any(t == name or t in name or re.fullmatch(t, name) is not None for t in target_modules)
 
 
+def _linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight of a linear layer: an ``nn.Linear``, or a wrapper holding one as ``original`` (WTA-CRS)."""
+    if isinstance(module, nn.Linear):
+        return module.weight
+    original = getattr(module, "original", None)
+    if isinstance(original, nn.Linear) and getattr(module, "weight", None) is original.weight:
+        return module.weight
+    return None
+
+
 def _is_all_linear(target_modules: str | Sequence[str]) -> bool:
     return isinstance(target_modules, str) and target_modules.replace("_", "-") == "all-linear"
 
@@ -302,8 +312,9 @@ def select_target_parameters(model: nn.Module, target_modules: str | Sequence[st
     (as a regex) one of its entries. ``"all-linear"`` takes every ``nn.Linear`` except the output layer
     (``model.get_output_embeddings()``, or a module named ``lm_head``) and anything sharing its weight with
     an embedding, as peft's "all-linear" does: the vocabulary projection is usually tied to the input
-    embedding and is not a low-rank-friendly matrix. Only ``nn.Linear`` modules are projected; a matched
-    module of another type is left to AdamW.
+    embedding and is not a low-rank-friendly matrix. Only linear layers are projected: ``nn.Linear`` and
+    wrappers that hold one as ``original`` and share its weight (zoft's WTA-CRS layers); a matched module of
+    another type is left to AdamW.
 
     Args:
         model: The model.
@@ -336,10 +347,10 @@ def select_target_parameters(model: nn.Module, target_modules: str | Sequence[st
     seen: set[int] = set()
     linear_names: list[str] = []
     for module_name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
+        weight = _linear_weight(module)
+        if weight is None:
             continue
         linear_names.append(module_name)
-        weight = module.weight
         if not weight.requires_grad or id(weight) in seen:
             continue
         if all_linear:
@@ -498,9 +509,12 @@ class NaturalGaLoreLayerwise(torch.optim.Optimizer):
         if p.grad is None:
             return
         opt = self.optimizer_dict[p]
-        ratio = self.param_groups[0]["lr"] / self._initial_lr if self._initial_lr else 0.0
+        current = self.param_groups[0]["lr"]
+        ratio = current / self._initial_lr if self._initial_lr else 0.0
         for group, initial in zip(opt.param_groups, self._initial_lrs[id(p)]):
-            group["lr"] = initial * ratio
+            # The same initial lr (the usual case) takes the scheduled value as is: bit-identical to a scheduler
+            # driving one grouped optimizer, where initial * (current / initial) could be off by a rounding.
+            group["lr"] = current if initial == self._initial_lr else initial * ratio
         opt.step()
         p.grad = None
         self._steps_since_boundary[id(p)] = self._steps_since_boundary.get(id(p), 0) + 1
