@@ -57,6 +57,16 @@ def test_recipe_opens_with_what_how_to_run_and_memory_and_is_valid(path):
     assert recipe.output.dir == f"runs/{path.stem}", f"{path.name}: output.dir should be runs/{path.stem}"
 
 
+def test_which_method_page_names_every_recipe_and_its_links_resolve():
+    page = REPO / "docs" / "which_method.md"
+    text = page.read_text()
+    missing = [p.name for p in RECIPES if f"configs/{p.name}" not in text]
+    assert not missing, f"docs/which_method.md does not mention {missing}"
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        if "://" not in target:
+            assert (page.parent / target).resolve().exists(), f"broken link in which_method.md: {target}"
+
+
 def _template_fields(template):
     return [f for _, f, _, _ in string.Formatter().parse(template or "") if f]
 
