@@ -4,7 +4,8 @@ A LoRA run saves an adapter, a QZO run a bitsandbytes NF4 folder: both need peft
 (and the base model) to load. Export writes what any ``AutoModelForCausalLM.from_pretrained`` loads
 with neither installed: LoRA adapters merged into the base weights, NF4 weights dequantized
 (4-bit code level x tuned scale, the very product the NF4 layer computes), safetensors + config +
-tokenizer, in the recipe's dtype. Merging and dequantizing run in float32; the cast comes last.
+tokenizer, in the recipe's dtype. Merging and dequantizing run in float32 (so export needs about
+4 bytes of RAM per parameter); the cast to the target dtype comes last.
 
 The output is written into a hidden sibling folder and renamed into place when complete, so an
 interrupted export never leaves a folder that looks finished.
@@ -189,8 +190,9 @@ def load_nf4_dequantized(folder: str | os.PathLike, task: str | None = None):
     if result.unexpected_keys:
         raise ZoftError(f"{folder}: weights the model does not have: {', '.join(result.unexpected_keys[:5])}")
     model.tie_weights()
-    loaded = {id(p) for k, p in model.state_dict(keep_vars=True).items() if k in state}
-    missing = [k for k in result.missing_keys if id(model.state_dict(keep_vars=True)[k]) not in loaded]
+    tensors = model.state_dict(keep_vars=True)
+    loaded = {id(t) for k, t in tensors.items() if k in state}
+    missing = [k for k in result.missing_keys if id(tensors[k]) not in loaded]
     if missing:
         raise ZoftError(f"{folder}: the checkpoint lacks {', '.join(missing[:5])}; the model folder is incomplete")
     return model.eval(), n
@@ -345,14 +347,24 @@ def export(
         if nf4_quantization_config(config) is not None:
             kind = "nf4"
             model, n = load_nf4_dequantized(src, task)
+        elif getattr(config, "quantization_config", None) is not None:
+            qc = config.quantization_config
+            method = (qc if isinstance(qc, dict) else qc.to_dict()).get("quant_method")
+            raise ZoftError(f"{src}: a {method} quantized model; export dequantizes bitsandbytes 4-bit (NF4) only")
         else:
             from zoft.models import load_model
 
             kind, n = "full", 0
-            model = load_model(str(src), task=task, dtype="float32")
+            remote = recipe.model.trust_remote_code if recipe is not None else False
+            model = load_model(str(src), task=task, dtype="float32", trust_remote_code=remote)
         base = None
     else:
-        hint = "it is not a run folder either" if recipe is None else "the run saved no model (output.save_model false, or it has not finished); export one of its checkpoint-N folders"
+        hint = (
+            "it is not a run folder either"
+            if recipe is None
+            else "the run saved no model (output.save_model false, or it has not finished); "
+            "export one of its checkpoint-N folders"
+        )
         raise ZoftError(f"{src}: no {ADAPTER_CONFIG} or {MODEL_CONFIG}: nothing to export; {hint}")
     target = _target_dtype(dtype, recipe, stored_config)
     model = model.to(_torch_dtype(target))
