@@ -1,4 +1,4 @@
-"""``zoft`` command line: ``train``, ``validate``, ``plan``, ``replay``. Thin: parse, load the recipe, call run."""
+"""``zoft`` command line: ``train``, ``validate``, ``plan``, ``replay``, ``export``. Thin: parse, load the recipe, call run."""
 
 from __future__ import annotations
 
@@ -23,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("replay", help="rebuild a zeroth-order run's model from its base model and trajectory")
     r.add_argument("run_dir", help="the run's output folder (has recipe.yaml and trajectory.jsonl)")
     r.add_argument("--out", required=True, help="folder for the rebuilt model")
+    e = sub.add_parser("export", help="merge LoRA adapters / dequantize a 4-bit run into a standard HF checkpoint")
+    e.add_argument("source", help="a run folder (with recipe.yaml), one of its checkpoint-N folders, or a LoRA adapter folder")
+    e.add_argument("--out", required=True, help="folder for the checkpoint (safetensors + config + tokenizer)")
+    e.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not empty")
+    e.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: the recipe's model.dtype")
+    e.add_argument("--base", help="base model of an adapter (default: the recipe's model.name or the adapter's own)")
     return p
 
 
@@ -55,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "replay":
             n = run.replay(args.run_dir, args.out)
             print(f"zoft: replayed {n} steps into {args.out}")
+        elif args.command == "export":
+            from zoft.export import export
+
+            res = export(args.source, args.out, overwrite=args.overwrite, dtype=args.dtype, base=args.base)
+            how = {"lora": f"merged {res.merged_modules} LoRA layers into {res.base}",
+                   "nf4": f"dequantized {res.merged_modules} NF4 layers", "full": "re-saved the full model"}[res.kind]
+            print(f"zoft: {how}; wrote a {res.dtype} Hugging Face checkpoint to {res.out}")
     except ZoftError as e:
         for line in str(e).splitlines():
             print(f"zoft: error: {line}", file=sys.stderr)
