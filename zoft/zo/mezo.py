@@ -90,7 +90,7 @@ class MeZOOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         coefficients = [(k, g / self.n_directions) for k, g in sorted(self._pending.items())]
-        self.zo.apply_update(self._pending_step, coefficients, lr, wd)
+        self._commit_update(self._pending_step, coefficients, lr, wd)
         if self.on_update is not None:
             self.on_update(
                 {
@@ -106,6 +106,10 @@ class MeZOOptimizer(torch.optim.Optimizer):
         self._pending_step, self._pending, self._losses = None, {}, {}
         self._step_clipped = 0
         return None
+
+    def _commit_update(self, step: int, coefficients: list[tuple[int, float]], lr: float, wd: float) -> None:
+        """Apply the step's update to the weights (ZO2's optimizer defers it to each block's next forward)."""
+        self.zo.apply_update(step, coefficients, lr, wd)
 
     def flush(self) -> None:
         """Apply any deferred update now (before evaluation and save). MeZO applies at step()."""

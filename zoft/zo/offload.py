@@ -363,29 +363,10 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         if not self._unapplied:
             self._deferred = None
 
-    @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer API
-        if self._pending_step is None:
-            return None
+    def _commit_update(self, step: int, coefficients: list[tuple[int, float]], lr: float, wd: float) -> None:
         self.flush()  # a parameter no forward touched still holds the previous update
-        group = self.param_groups[0]
-        lr, wd = float(group["lr"]), float(group["weight_decay"])
-        coefficients = [(k, g / self.n_directions) for k, g in sorted(self._pending.items())]
-        self._deferred = (self._pending_step, coefficients, lr, wd)
+        self._deferred = (step, coefficients, lr, wd)
         self._unapplied = set(self.zo.params)
-        if self.on_update is not None:
-            self.on_update(
-                {
-                    "step": self._pending_step,
-                    "lr": lr,
-                    "weight_decay": wd,
-                    "coefficients": coefficients,
-                    "loss_plus": [self._losses[k][0] for k, _ in coefficients],
-                    "loss_minus": [self._losses[k][1] for k, _ in coefficients],
-                }
-            )
-        self._pending_step, self._pending, self._losses = None, {}, {}
-        return None
 
     @property
     def has_deferred(self) -> bool:
