@@ -142,7 +142,8 @@ def _lora_pro_settings(value):
     if value is True or value == "efficient":
         return "efficient"
     if value == "full":
-        raise ZoftError(f"ZoftCallback(lora_pro='full'): {_LORA_PRO_FULL.replace('use mode', 'use lora_pro=True')}")
+        hint = _LORA_PRO_FULL.replace("use mode 'efficient'", "use lora_pro=True")
+        raise ZoftError(f"ZoftCallback(lora_pro='full'): {hint}")
     raise ZoftError(f"ZoftCallback(lora_pro=...): expected True or 'efficient', got {value!r}")
 
 
