@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["ZoftTrainer", "MeZOConfig", "load_recipe", "__version__"]
+__all__ = ["ZoftTrainer", "ZoftCallback", "ZoftMetricsCallback", "MeZOConfig", "load_recipe", "__version__"]
 
 
 def __getattr__(name):
@@ -11,6 +11,14 @@ def __getattr__(name):
         from zoft.trainer import ZoftTrainer
 
         return ZoftTrainer
+    if name == "ZoftCallback":
+        from zoft.callback import ZoftCallback
+
+        return ZoftCallback
+    if name == "ZoftMetricsCallback":
+        from zoft.metrics import ZoftMetricsCallback
+
+        return ZoftMetricsCallback
     if name == "MeZOConfig":
         from zoft.zo.mezo import MeZOConfig
 

@@ -60,7 +60,10 @@ def _cuda_available() -> bool:
 def training_arguments(recipe: Recipe):
     from transformers import TrainingArguments
 
+    from zoft.metrics import check_report_to
+
     kwargs = recipe.train.training_arguments_kwargs()
+    check_report_to(kwargs.get("report_to"))  # HF would raise a traceback for a missing logger package
     kwargs.update(output_dir=recipe.output.dir, remove_unused_columns=False)
     kwargs.setdefault("disable_tqdm", False)  # a progress bar even when HF's log level is quiet
     kwargs.setdefault("dataloader_pin_memory", _cuda_available())

@@ -19,6 +19,7 @@ from transformers import Trainer
 
 from zoft.checkpoints import CompleteCheckpointMarker
 from zoft.losses import verbalizer_loss, verbalizer_scores
+from zoft.metrics import ZoftMetricsCallback
 from zoft.zo.estimate import spsa
 from zoft.zo.mezo import MeZOConfig, MeZOOptimizer
 from zoft.zo.perturb import ZOParameters
@@ -68,6 +69,9 @@ class ZoftTrainer(Trainer):
         self.zo_params: ZOParameters | None = None
         super().__init__(*args, **kwargs)
         self.add_callback(CompleteCheckpointMarker())
+        # tokens/s and peak memory in every training log (zoft/metrics.py; reported through report_to)
+        self.zoft_metrics = ZoftMetricsCallback()
+        self.add_callback(self.zoft_metrics)
         # -- privacy (issue 8): all logic lives in zoft/privacy/trainer_dp.py
         self.dp: PrivacyEngine | None = None
         if privacy is not None:
@@ -118,6 +122,7 @@ class ZoftTrainer(Trainer):
     # -- the ZO step ----------------------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self.zoft_metrics.count_tokens(inputs)
         if self.dp is not None:
             return self.dp.training_step(self, model, inputs)
         if self.zo_config is None:
@@ -265,6 +270,7 @@ class ZoftTrainer(Trainer):
             if self.zo_optimizer is not None and self.zo_optimizer.clip is not None:  # QZO clipping
                 logs["zo_clipped_total"] = self.zo_optimizer.n_clipped
             self._zo_window = []
+        self.zoft_metrics.add_to(logs)
         super().log(logs, start_time)
 
     def privacy_report(self) -> dict | None:

@@ -126,6 +126,25 @@ class _Pair:
         return float(self.layer.scaling[self.adapter])
 
 
+@torch.no_grad()
+def correct_lora_gradients(pairs: list[_Pair], *, rcond: float = 1e-6) -> None:
+    """Replace each pair's ``.grad`` (in place) by LoRA-Pro's gradients: the efficient mode's correction.
+
+    Any optimizer stepped afterwards sees LoRA-Pro's gradients; AdamW (:class:`LoraProAdamW`) is the
+    paper's. Pairs whose A or B has no gradient are left alone.
+
+    Args:
+        pairs: from :func:`find_lora_pairs`.
+        rcond: relative cutoff of the pseudo-inverses (see :func:`lora_pro_gradients`).
+    """
+    for pair in pairs:
+        if pair.A.grad is None or pair.B.grad is None:
+            continue
+        new_a, new_b = lora_pro_gradients(pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling, rcond=rcond)
+        pair.A.grad.copy_(new_a)
+        pair.B.grad.copy_(new_b)
+
+
 class LoraProAdamW(torch.optim.AdamW):
     """AdamW whose step first replaces each LoRA pair's gradients by LoRA-Pro's (see the module docstring).
 
@@ -150,14 +169,7 @@ class LoraProAdamW(torch.optim.AdamW):
             with torch.enable_grad():
                 loss = closure()
         if self.lora_pro_mode == "efficient":
-            for pair in self.lora_pro_pairs:
-                if pair.A.grad is None or pair.B.grad is None:
-                    continue
-                new_a, new_b = lora_pro_gradients(
-                    pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling, rcond=self.lora_pro_rcond
-                )
-                pair.A.grad.copy_(new_a)
-                pair.B.grad.copy_(new_b)
+            correct_lora_gradients(self.lora_pro_pairs, rcond=self.lora_pro_rcond)
             super().step()
             return loss
         # Full mode: the pairs are updated here and hidden from AdamW, which steps everything else.
@@ -320,6 +332,7 @@ def create_lora_pro_optimizer(
 
 __all__ = [
     "LoraProAdamW",
+    "correct_lora_gradients",
     "create_lora_pro_optimizer",
     "equivalent_gradient",
     "find_lora_pairs",

@@ -279,11 +279,15 @@ class PrivacyEngine:
             )
         with trainer.compute_loss_context_manager():
             losses = per_sample_losses(model, inputs)
-        self._window_examples += losses.numel()
+        self.count_examples(losses.numel())
         # The sum (not the mean): the clipped per-example gradients are summed, the noise added, then the
         # whole logical batch divided once in noise_step.
         trainer.accelerator.backward(losses.sum())
         return losses.detach().mean().to(trainer.args.device) / n
+
+    def count_examples(self, n: int) -> None:
+        """Count the examples of one micro-batch (fixed-size batches divide the noised sum by their total)."""
+        self._window_examples += int(n)
 
     def noise_step(self) -> None:
         """Add the step's noise to the clipped sum and divide by the batch size (before optimizer.step)."""
