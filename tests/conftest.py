@@ -32,6 +32,25 @@ def tokenizer_dir(tmp_path_factory):
     return str(folder)
 
 
+TINY_LLAMA = dict(  # the in-memory test model: 2 layers, grouped-query attention, a toy vocabulary
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def tiny_llama(seed=0, **config):
+    """A fresh :data:`TINY_LLAMA` (``config`` overrides its fields), initialized from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **config}))
+
+
 def make_tiny_llama(folder, tokenizer_dir, *, tie=True, seed=0, hidden=32, layers=2):
     """A 2-layer Llama with the real tokenizer, saved as an ordinary HF folder."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM

@@ -1,9 +1,10 @@
 """LoRA-GA: step-0 output, first-step alignment with full fine-tuning, the plain-LoRA export, memory."""
 
+import conftest
 import pytest
 import torch
 from peft import IA3Config, PeftModel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from zoft.errors import ZoftError
 from zoft.lora.ga import estimate_target_gradients, init_lora_ga, save_lora_ga_adapter
@@ -13,17 +14,7 @@ LORA = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=TARGETS)
 
 
 def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+    return conftest.tiny_llama(seed).eval()
 
 
 def fixed_batches(n=3, seed=1):

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_llama
 from datasets import Dataset
 from peft import IA3Config, LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from zoft.errors import ZoftError
 from zoft.lora.pro import create_lora_pro_optimizer, equivalent_gradient, lora_pro_gradients
@@ -84,17 +85,7 @@ def test_closer_to_full_gradient_than_plain_lora_in_a_real_layer():
 
 
 def tiny_lora_llama(**lora):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    model = LlamaForCausalLM(config)
+    model = tiny_llama(vocab_size=64, hidden_size=32, intermediate_size=64, max_position_embeddings=32)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], **lora))
 
 

@@ -4,6 +4,7 @@ exact resume, the layer-wise variant, target selection errors and an HF Trainer 
 import math
 import warnings
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -23,20 +24,7 @@ torch.set_num_threads(2)
 
 
 def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(cfg)
+    return conftest.tiny_llama(seed, vocab_size=64, hidden_size=32, intermediate_size=64, tie_word_embeddings=True)
 
 
 def batches(n: int, seed: int = 1, batch: int = 4, seq: int = 12) -> list[torch.Tensor]:

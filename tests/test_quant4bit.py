@@ -3,6 +3,7 @@ and a save/load round trip through plain transformers."""
 
 import json
 
+import conftest
 import pytest
 import torch
 from torch import nn
@@ -17,19 +18,7 @@ torch.set_num_threads(2)
 
 
 def tiny_llama(tie: bool = False, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        tie_word_embeddings=tie,
-    )
-    return LlamaForCausalLM(cfg).eval()
+    return conftest.tiny_llama(seed, tie_word_embeddings=tie).eval()
 
 
 def bnb_reference_weight(layer: q.NF4Linear, absmax: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 
+import conftest
 import pytest
 import torch
 import torch.nn.functional as F
@@ -193,20 +194,7 @@ def test_saved_activation_memory_scales_with_ratio():
 
 
 def tiny_llama(attn="sdpa", seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    cfg._attn_implementation = attn
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).train()
+    return conftest.tiny_llama(seed, attn_implementation=attn).train()
 
 
 @pytest.mark.parametrize(
