@@ -1,4 +1,9 @@
-"""``zoft`` command line: ``train``, ``validate``, ``plan``, ``replay``, ``export``. Thin: parse, load the recipe, call run."""
+"""``zoft`` command line: ``train``, ``validate``, ``plan``, ``replay``, ``export``. Thin: parse, load the recipe,
+call run.
+
+zoft never starts processes: for several GPUs or nodes, a launcher starts one ``zoft train`` per
+rank (``torchrun --nproc_per_node N -m zoft train r.yaml``, ``accelerate launch -m zoft train r.yaml``).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +45,22 @@ def _quiet_libraries() -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+def _report(e: ZoftError) -> None:
+    """One line per problem; under a launcher an error every rank hits (a recipe error, a refusal rank 0
+    shared) is printed by rank 0 only, any other one with its rank."""
+    from zoft.errors import RecipeError
+    from zoft.launch import SharedError, rank, world_size
+
+    prefix = ""
+    if world_size() > 1:
+        if isinstance(e, (RecipeError, SharedError)) and rank() != 0:
+            return
+        if not isinstance(e, (RecipeError, SharedError)):
+            prefix = f"[rank {rank()}] "
+    for line in str(e).splitlines():
+        print(f"zoft: error: {prefix}{line}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _quiet_libraries()
@@ -52,8 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             print(config.recipe_to_yaml(recipe), end="")
             print(f"zoft: {args.recipe} is valid", file=sys.stderr)
         elif args.command == "train":
+            from zoft import launch
+
             recipe = config.load_recipe(args.recipe, args.overrides)
+            launch.check_process_count(recipe, args.recipe)
             run.train(recipe)
+            launch.finish()
         elif args.command == "plan":
             from zoft.plan import plan_recipe
 
@@ -69,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
                    "nf4": f"dequantized {res.merged_modules} NF4 layers", "full": "re-saved the full model"}[res.kind]
             print(f"zoft: {how}; wrote a {res.dtype} Hugging Face checkpoint to {res.out}")
     except ZoftError as e:
-        for line in str(e).splitlines():
-            print(f"zoft: error: {line}", file=sys.stderr)
+        _report(e)
         return 2
     except KeyboardInterrupt:
         print("zoft: interrupted; continue the run with output.resume=true", file=sys.stderr)

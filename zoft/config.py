@@ -608,6 +608,9 @@ class Recipe(Section):
                     f"{key}: needs a zeroth-order method (method.name: mezo), not '{self.method.name}'; "
                     f"drop the {key} section for first-order training"
                 )
+        deepspeed_problem = _deepspeed_combination_problem(self)
+        if deepspeed_problem:
+            raise ValueError(deepspeed_problem)
         _qzo_addax_combinations(self)  # QZO / Addax
         galore_problem = _natural_galore_combination_problem(self)
         if galore_problem:
@@ -668,6 +671,28 @@ def _privacy_combination_problem(recipe: Recipe) -> str | None:
     if recipe.peft is not None and recipe.peft.method == "prefix_tuning" and p.method == "flashdp":
         return "peft.method 'prefix_tuning' has no per-sample clipping in flashdp; use lora"
     return None
+
+
+def _deepspeed_combination_problem(recipe: Recipe) -> str | None:
+    """train.deepspeed (HF's DeepSpeed key): the file must exist, and ZeRO must fit the method (zoft/deepspeed.py)."""
+    value = (recipe.train.model_extra or {}).get("deepspeed")
+    if value in (None, "", False):
+        return None
+    from zoft.deepspeed import combination_problem, read_config
+
+    try:
+        ds = read_config(value)
+    except ValueError as e:
+        return str(e)
+    return combination_problem(
+        ds,
+        method=recipe.method.name,
+        zeroth_order=recipe.method.is_zeroth_order,
+        sections=[k for k in ("offload", "distributed") if getattr(recipe, k) is not None],
+        privacy=recipe.privacy.method if recipe.privacy is not None else None,
+        peft_init=recipe.peft.init if recipe.peft is not None else None,
+        peft_optimizer=recipe.peft.optimizer if recipe.peft is not None else None,
+    )
 
 
 # --- QZO / Addax combination checks ---

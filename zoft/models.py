@@ -102,6 +102,9 @@ def apply_peft(model, peft_cfg, task: str = "causal_lm"):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    def numel(p):  # under DeepSpeed ZeRO-3 a parameter holds only this rank's shard; ds_numel is its size
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     return trainable, total

@@ -8,7 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
-from zoft import checkpoints
+from zoft import checkpoints, launch
 from zoft.config import Recipe, load_recipe, recipe_to_yaml
 from zoft.errors import ZoftError
 
@@ -67,6 +67,13 @@ def training_arguments(recipe: Recipe):
     kwargs.update(output_dir=recipe.output.dir, remove_unused_columns=False)
     kwargs.setdefault("disable_tqdm", False)  # a progress bar even when HF's log level is quiet
     kwargs.setdefault("dataloader_pin_memory", _cuda_available())
+    for key, value in launch.cpu_ddp_kwargs(_cuda_available()).items():  # one rank of a CPU launch: gloo
+        kwargs.setdefault(key, value)
+    if kwargs.get("deepspeed"):
+        from zoft.deepspeed import require_deepspeed
+
+        require_deepspeed()
+        launch.single_process_env()  # DeepSpeed needs a process group even for one process
     if recipe.method.is_zeroth_order:
         kwargs["max_grad_norm"] = 0.0  # no gradients to clip
         kwargs.setdefault("include_num_input_tokens_seen", "no")
@@ -133,12 +140,15 @@ def build_model_and_tokenizer(recipe: Recipe, *, tokenizer=None, init_data=None,
     return model, tokenizer
 
 
-def build_trainer(recipe: Recipe, *, resume: bool = False):
+def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
+    """The ZoftTrainer of a recipe; ``args``: its TrainingArguments if already built (:func:`train` does)."""
     from zoft.data import build_datasets
     from zoft.trainer import ZoftTrainer, classification_accuracy
     from zoft.zo.mezo import MeZOConfig
 
-    args = training_arguments(recipe)
+    recipe = launch.fit_recipe_to_launch(recipe)  # e.g. a ZO recipe on several processes trains with DistZO2
+    args = training_arguments(recipe) if args is None else args
+    launch.join_process_group(args)  # before the model loads: ZeRO-3 partitions it while loading
     if recipe.offload is not None:  # ZO2: the whole model must fit in CPU memory; say so before loading it
         from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
         from zoft.zo.offload import check_cpu_memory
@@ -276,7 +286,8 @@ def _lora_ga_model(model, recipe: Recipe, data, device):
         ga.num_batches,
         scale=ga.scale,
         stable_gamma=ga.stable_gamma,
-        initial_adapter_dir=Path(recipe.output.dir) / LORA_GA_INIT_DIR,
+        # Every rank computes the same initialization (same batches); rank 0 alone writes it.
+        initial_adapter_dir=Path(recipe.output.dir) / LORA_GA_INIT_DIR if launch.is_main_process() else None,
         loss_fn=loss_fn,
     )
 
@@ -338,45 +349,101 @@ def _write_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def train(recipe: Recipe) -> dict:
-    """Run a recipe end to end: evaluate before, train, evaluate after, save. Returns metrics."""
+def _start_run_dir(recipe: Recipe) -> str | None:
     resume_from = prepare_output_dir(recipe)
+    (Path(recipe.output.dir) / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    return resume_from
+
+
+def train(recipe: Recipe) -> dict:
+    """Run a recipe end to end: evaluate before, train, evaluate after, save. Returns metrics.
+
+    Under a launcher (torchrun, accelerate launch) every rank runs this; rank 0 alone prepares the
+    output folder, prints and writes run files, and the collective steps (training, evaluation,
+    saving) run on all ranks.
+    """
+    recipe = launch.fit_recipe_to_launch(recipe)
+    args = training_arguments(recipe)
+    launch.join_process_group(args)  # under a launcher, so that rank 0 can share what it finds below
+    resume_from = launch.on_main_then_share(lambda: _start_run_dir(recipe))  # no race on output.dir
+    main = launch.is_main_process()
     out = Path(recipe.output.dir)
-    (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
-    trainer = build_trainer(recipe)
+    if recipe.model.name in _model_assets():  # a packaged model is converted once per machine, not per rank
+        with args.main_process_first(local=True, desc="zoft model conversion"):
+            from zoft.assets import model_asset_path
+
+            model_asset_path(recipe.model.name)
+    trainer = build_trainer(recipe, args=args)
     metrics_path = out / METRICS_FILE
+    # Every rank reads it: whether to evaluate "before" again must be the same decision everywhere.
     metrics = json.loads(metrics_path.read_text()) if (resume_from and metrics_path.is_file()) else {}
 
     from zoft.models import count_parameters
 
     trainable, total = count_parameters(trainer.model)
-    print(
+    launch.main_print(
         f"zoft: {recipe.method.name} on {recipe.model.name}: {trainable:,} of {total:,} parameters trained; "
-        f"{len(trainer.train_dataset):,} training / {len(trainer.eval_dataset or []):,} held-out examples",
-        flush=True,
+        f"{len(trainer.train_dataset):,} training / {len(trainer.eval_dataset or []):,} held-out examples"
+        + (f"; {args.world_size} processes" if args.world_size > 1 else "")
     )
+    first_eval = None
     if recipe.evaluation.before and trainer.eval_dataset is not None and "before" not in metrics:
-        metrics["before"] = _with_perplexity(trainer.evaluate())
-        _write_json(metrics_path, metrics)
-        print(f"zoft: before training: {_summary(metrics['before'])}", flush=True)
+        # Several processes or DeepSpeed: evaluate as the first thing inside train(), once the model is
+        # wrapped. An evaluate() before train() marks the model as prepared, and HF's train() then never
+        # wraps it in DDP (ranks would train apart, silently; transformers 5.23 / accelerate 1.15); under
+        # DeepSpeed HF cannot evaluate before its engine exists (ZeRO-1/2), or loses the optimizer (ZeRO-3).
+        if args.deepspeed or args.world_size > 1:
+            trainer.args.eval_on_start = True
+            first_eval = _first_evaluation_callback()
+            trainer.add_callback(first_eval)
+        else:
+            metrics["before"] = _with_perplexity(trainer.evaluate())
+            if main:
+                _write_json(metrics_path, metrics)
+            launch.main_print(f"zoft: before training: {_summary(metrics['before'])}")
     result = trainer.train(resume_from_checkpoint=resume_from)
+    if first_eval is not None and first_eval.metrics is not None:
+        metrics["before"] = _with_perplexity(first_eval.metrics)
+        launch.main_print(f"zoft: before training: {_summary(metrics['before'])}")
     metrics["train"] = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     if trainer.privacy_report() is not None:
         metrics["privacy"] = trainer.privacy_report()
-        print(f"zoft: privacy: epsilon {metrics['privacy']['epsilon']:.4g} at delta {metrics['privacy']['delta']:.3g}",
-              flush=True)
+        launch.main_print(
+            f"zoft: privacy: epsilon {metrics['privacy']['epsilon']:.4g} at delta {metrics['privacy']['delta']:.3g}"
+        )
     if recipe.evaluation.after and trainer.eval_dataset is not None:
         metrics["after"] = _with_perplexity(trainer.evaluate())
-        print(f"zoft: after training:  {_summary(metrics['after'])}", flush=True)
+        launch.main_print(f"zoft: after training:  {_summary(metrics['after'])}")
     if recipe.output.save_model:
-        trainer.save_model(str(out))
-        if _uses_lora_ga(recipe):  # issue 5: replace the adapter of the offset base by one for the original base
+        trainer.save_model(str(out))  # on every rank: HF writes on rank 0 (ZeRO-3 gathers the shards first)
+        if _uses_lora_ga(recipe) and main:  # issue 5: the adapter for the original base replaces the offset one
             from zoft.lora.ga import save_lora_ga_adapter
 
             save_lora_ga_adapter(trainer.model, out, out / LORA_GA_INIT_DIR)
-    _write_json(metrics_path, metrics)
-    print(f"zoft: saved to {out} (metrics in {metrics_path})", flush=True)
+    if main:
+        _write_json(metrics_path, metrics)
+    launch.main_print(f"zoft: saved to {out} (metrics in {metrics_path})")
     return metrics
+
+
+def _first_evaluation_callback():
+    """A TrainerCallback keeping the metrics of a run's first evaluation (HF's ``eval_on_start``) in ``.metrics``."""
+    from transformers import TrainerCallback
+
+    class FirstEvaluation(TrainerCallback):
+        metrics: dict | None = None
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if self.metrics is None:
+                self.metrics = dict(metrics or {})
+
+    return FirstEvaluation()
+
+
+def _model_assets() -> dict:
+    from zoft.assets import MODEL_ASSETS
+
+    return MODEL_ASSETS
 
 
 def _summary(m: dict) -> str:
