@@ -263,6 +263,10 @@ Z = {s: str(REPO / f"configs/deepspeed/zero{s}.json") for s in (1, 2, 3)}
         (Z[3], "adamw", {"peft": {"method": "lora", "init": "lora_ga"}}, "train.deepspeed: ZeRO-3 partitions the "
          "weights while the model loads, and peft.init 'lora_ga' needs them whole for its gradient SVD; use "
          "ZeRO-1/2 (configs/deepspeed/zero2.json) with lora_ga"),
+        (Z[2], "natural_galore", {}, "train.deepspeed with method 'natural_galore': ZeRO-2 gives the optimizer "
+         "flattened, partitioned weights, while Natural GaLore projects each weight matrix's gradient (and the "
+         "layer-wise variant steps during the backward); drop train.deepspeed (several GPUs: launch without it, DDP, "
+         "layerwise: false)"),
         ({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"}}, "sgd", {}, "train.deepspeed: the "
          "DeepSpeed config has an optimizer section (AdamW), which would replace method 'sgd'; remove that section "
          "so HF builds the recipe's optimizer"),
@@ -271,7 +275,7 @@ Z = {s: str(REPO / f"configs/deepspeed/zero{s}.json") for s in (1, 2, 3)}
         ({"zero_optimization": {"stage": 4}}, "adamw", {}, "train.deepspeed: zero_optimization.stage in the inline "
          "config must be 0, 1, 2 or 3, got 4"),
     ],
-    ids=["zo-zero3", "zo-zero2", "distributed", "offload", "flashdp", "lora_pro", "lora_ga-zero3", "sgd-optimizer",
+    ids=["zo-zero3", "zo-zero2", "distributed", "offload", "flashdp", "lora_pro", "lora_ga-zero3", "natural_galore", "sgd-optimizer",
          "missing-file", "bad-stage"],
 )
 def test_deepspeed_combinations_that_cannot_work_are_refused_with_the_reason(setup, ds, method, sections, message):

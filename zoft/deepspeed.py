@@ -103,6 +103,14 @@ def combination_problem(
             "noise added before the optimizer step need zoft's step, but DeepSpeed's engine buckets, reduces "
             "and applies the gradients itself; drop train.deepspeed (a private run is one process)"
         )
+    if method == "natural_galore":
+        # ZeRO hands the optimizer flat fp32 partitions of the weights, so there is no matrix left to take
+        # the SVD of; the layer-wise variant also steps inside the backward, before ZeRO reduces anything.
+        return (
+            f"train.deepspeed with method 'natural_galore': {zero} gives the optimizer flattened, partitioned "
+            "weights, while Natural GaLore projects each weight matrix's gradient (and the layer-wise variant "
+            "steps during the backward); drop train.deepspeed (several GPUs: launch without it, DDP, layerwise: false)"
+        )
     if peft_optimizer == "lora_pro":
         return (
             "train.deepspeed with peft.optimizer 'lora_pro': LoRA-Pro's optimizer needs each adapter's whole "
