@@ -1,6 +1,6 @@
 """Benchmark Addax and QZO on the quickstart model and data (SmolLM2-135M, Rotten Tomatoes), CPU.
 
-Part 1 (LoRA, as configs/quickstart.yaml): MeZO vs in-place SGD (Addax with alpha=0) vs Addax: eval
+Part 1 (LoRA, as configs/mezo_lora.yaml): MeZO vs in-place SGD (Addax with alpha=0) vs Addax: eval
 accuracy at fixed steps, steps and training time to reach MeZO's final accuracy, peak memory.
 Part 2 (full model, no adapters): QZO on NF4 vs MeZO in fp32 and bf16: weight memory, peak memory, eval
 accuracy before/after.
@@ -68,7 +68,7 @@ def worker(name: str, a, out_dir: str) -> dict:
     from zoft.zo import quant4bit as q4
 
     torch.set_num_threads(a.threads)
-    recipe = load_recipe(ROOT / "configs" / "quickstart.yaml", _overrides(name, a) + [f"output.dir={out_dir}",
+    recipe = load_recipe(ROOT / "configs" / "mezo_lora.yaml", _overrides(name, a) + [f"output.dir={out_dir}",
                                                                                        "output.overwrite=true"])
     run.prepare_output_dir(recipe)
     trainer = run.build_trainer(recipe)

@@ -36,20 +36,20 @@ def test_quickstart_recipe_on_a_tiny_model_trains_evaluates_saves_and_loads_with
     for when in ("before", "after"):
         assert 0.0 <= metrics[when]["eval_accuracy"] <= 1.0 and metrics[when]["eval_loss"] > 0
     assert metrics["train"]["train_loss"] > 0
-    assert (out / "adapter_model.safetensors").is_file() and (out / "trajectory.jsonl").is_file()
+    assert (out / "model.safetensors").is_file() and (out / "trajectory.jsonl").is_file()
 
-    # The saved adapter loads with plain transformers + peft, zoft not imported, and matches
-    # the weights zoft saved in its last checkpoint (the run ended at step 4).
+    # The saved model loads with plain transformers, zoft not imported, matches the weights zoft saved
+    # in its last checkpoint (the run ended at step 4) and differs from the untrained model.
     check = f"""
 import sys, torch
 from transformers import AutoModelForCausalLM
-from peft import PeftModel
-base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r})
-model = PeftModel.from_pretrained(base, {str(out)!r}).eval()
-ckpt = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r}), {str(out / 'checkpoint-4')!r}).eval()
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()
+ckpt = AutoModelForCausalLM.from_pretrained({str(out / 'checkpoint-4')!r}).eval()
+base = AutoModelForCausalLM.from_pretrained({tiny_llama_dir!r}).eval()
 ids = torch.tensor([[1, 2, 3, 4, 5]])
 with torch.no_grad():
     assert torch.equal(model(ids).logits, ckpt(ids).logits)
+    assert not torch.equal(model(ids).logits, base(ids).logits)
 assert "zoft" not in sys.modules
 print("LOADED")
 """
@@ -66,13 +66,13 @@ print("LOADED")
     )
     assert sorted(p.name for p in out.iterdir()) == before
 
-    # replay through the command line rebuilds the adapter exactly.
+    # replay through the command line rebuilds the weights exactly.
     proc = zoft("replay", str(out), "--out", str(tmp_path / "rebuilt"))
     assert proc.returncode == 0 and "replayed 4 steps" in proc.stdout, proc.stderr[-2000:]
     from safetensors.torch import load_file
 
-    a = load_file(out / "adapter_model.safetensors")
-    b = load_file(tmp_path / "rebuilt" / "adapter_model.safetensors")
+    a = load_file(out / "model.safetensors")
+    b = load_file(tmp_path / "rebuilt" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 

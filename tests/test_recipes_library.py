@@ -34,7 +34,7 @@ WORDS = "a warm funny wise film with great acting and a dull plot that drags on 
 
 def test_the_library_has_a_recipe_per_method_family():
     names = {p.stem for p in RECIPES}
-    assert {"quickstart", "adamw_lora", "mezo_full", "qzo_nf4", "addax", "zo2_offload", "distzo2_pertp",
+    assert {"quickstart", "adamw_lora", "mezo_lora", "qzo_nf4", "addax", "zo2_offload", "distzo2_pertp",
             "lora_ga_pro", "wta_crs_lora", "flashdp_lora", "dpzero_mezo"} <= names
 
 
