@@ -103,6 +103,7 @@ def worker(args) -> dict:
         optim="adamw_torch",
     )
     trainer = ZoftTrainer(model=model, args=targs, zo=zo)
+    trainer.current_gradient_accumulation_steps = 1  # HF sets it inside train(); we call training_step directly
     trainer.create_optimizer()
     opt = trainer.optimizer
 
