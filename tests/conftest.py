@@ -6,6 +6,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+import csv
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -81,14 +83,10 @@ def tiny_llama_dir(tmp_path_factory, tokenizer_dir):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer_dir)
 
 
-@pytest.fixture
-def sentiment_csv(tmp_path):
-    """A small review file in the Rotten Tomatoes layout (text, label fresh/rotten)."""
-    import csv
-
+def write_reviews_csv(path):
+    """80 labelled toy reviews (fresh / rotten, alternating) as a CSV file; returns its path as a string."""
     good = ["a joy to watch", "brilliant and moving", "funny, warm, wise", "a triumph", "great fun"]
     bad = ["a dull mess", "tedious and flat", "painfully unfunny", "a waste of time", "boring"]
-    path = tmp_path / "reviews.csv"
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["text", "label"])
@@ -96,6 +94,12 @@ def sentiment_csv(tmp_path):
             w.writerow([good[i % 5] + f" #{i}", "fresh"])
             w.writerow([bad[i % 5] + f" #{i}", "rotten"])
     return str(path)
+
+
+@pytest.fixture
+def sentiment_csv(tmp_path):
+    """A small review file in the Rotten Tomatoes layout (text, label fresh/rotten)."""
+    return write_reviews_csv(tmp_path / "reviews.csv")
 
 
 def tiny_recipe(model_dir, data_path, out_dir, **sections):

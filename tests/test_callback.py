@@ -1,8 +1,10 @@
 """ZoftCallback: a plain transformers.Trainer + the callback trains exactly like the recipe path."""
 
+from pathlib import Path
+
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_recipe, write_reviews_csv
 
 from zoft import run
 from zoft.callback import ZoftCallback
@@ -97,17 +99,8 @@ def _assert_same_logs(recipe_trainer, user_trainer):
 @pytest.fixture(scope="module")
 def plain_lora(tiny_llama_dir, tmp_path_factory):
     """The user's script without the callback: what the methods must change."""
-    import csv
 
-    path = tmp_path_factory.mktemp("plain") / "reviews.csv"
-    good = ["a joy to watch", "brilliant and moving", "funny, warm, wise", "a triumph", "great fun"]
-    bad = ["a dull mess", "tedious and flat", "painfully unfunny", "a waste of time", "boring"]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(40):
-            w.writerow([good[i % 5] + f" #{i}", "fresh"])
-            w.writerow([bad[i % 5] + f" #{i}", "rotten"])
+    path = Path(write_reviews_csv(tmp_path_factory.mktemp("plain") / "reviews.csv"))
     recipe = _recipe(tiny_llama_dir, str(path), path.parent / "r")
     return _trained(_user_trainer(tiny_llama_dir, str(path), path.parent / "u", None, recipe))
 

@@ -5,7 +5,6 @@ averages gradients the same way) two ranks of batch 4 see the same 8 examples pe
 process of batch 8, so the final adapters must agree to float rounding.
 """
 
-import csv
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import write_reviews_csv
 from safetensors.torch import load_file
 
 from zoft import launch, run
@@ -36,15 +36,7 @@ needs_deepspeed = pytest.mark.skipif(
 
 
 def _reviews(path):
-    good = ["a joy to watch", "brilliant and moving", "funny, warm, wise", "a triumph", "great fun"]
-    bad = ["a dull mess", "tedious and flat", "painfully unfunny", "a waste of time", "boring"]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["text", "label"])
-        for i in range(40):
-            w.writerow([good[i % 5] + f" #{i}", "fresh"])
-            w.writerow([bad[i % 5] + f" #{i}", "rotten"])
-    return str(path)
+    return write_reviews_csv(path)
 
 
 def _recipe(model_dir, data, out, method="adamw", batch=4, **train):
