@@ -171,6 +171,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
             n_directions=recipe.method.n_directions,
             distribution=recipe.method.distribution,
             master_weights=recipe.method.master_weights,
+            z_generator=recipe.method.z_generator,
             clip_projected_grad=recipe.method.projected_grad_clip,
         )
     privacy = None
@@ -454,7 +455,7 @@ def _summary(m: dict) -> str:
 def replay(run_dir: str, out_dir: str) -> int:
     """Rebuild a ZO run's final weights from its base model and trajectory; save them to ``out_dir``."""
     from zoft.zo.perturb import ZOParameters
-    from zoft.zo.trajectory import read_trajectory, replay_updates
+    from zoft.zo.trajectory import read_trajectory, recorded_z_generator, replay_updates
 
     run = Path(run_dir)
     if not (run / RECIPE_FILE).is_file():
@@ -466,7 +467,12 @@ def replay(run_dir: str, out_dir: str) -> int:
     header, records = read_trajectory(run / TRAJECTORY_FILE)
     model, tokenizer = build_model_and_tokenizer(recipe)
     zo = ZOParameters(
-        model, header["run_seed"], distribution=header["distribution"], master_weights=recipe.method.master_weights
+        model,
+        header["run_seed"],
+        distribution=header["distribution"],
+        master_weights=recipe.method.master_weights,
+        # The run's own generator, whatever this machine would pick: philox replays a CUDA run on CPU.
+        z_generator=recorded_z_generator(header),
     )
     n = replay_updates(zo, header, records)
     out.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,13 @@ class ZoftTrainer(Trainer):
             cfg = self.zo_config
             seed = self.args.seed if cfg.seed is None else cfg.seed
             self.zo_params = ZOParameters(
-                self.model, seed, distribution=cfg.distribution, master_weights=cfg.master_weights
+                self.model,
+                seed,
+                distribution=cfg.distribution,
+                master_weights=cfg.master_weights,
+                z_generator=cfg.z_generator,
+                # ZO2: the blocks are stored on CPU but computed (and perturbed) on the offloader's device.
+                compute_device=self.offloader.device if self.offloader is not None else None,
             )
             opt_cls, extra = MeZOOptimizer, {}
             if self.offloader is not None:  # ZO2: the update is applied while each block is resident

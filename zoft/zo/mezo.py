@@ -30,6 +30,7 @@ class MeZOConfig:
     n_directions: int = 1
     distribution: str = "gaussian"
     master_weights: str = "auto"
+    z_generator: str = "auto"  # torch | philox | auto (philox when computing on CUDA); zoft.zo.perturb
     seed: int | None = None  # default: TrainingArguments.seed
     clip_projected_grad: float | None = None  # QZO: bound on |projected gradient| (zoft.zo.qzo)
 
@@ -122,10 +123,13 @@ class MeZOOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         state = super().state_dict()
         state["zo_masters"] = self.zo.state_dict()
+        state["zo_z_generator"] = self.zo.z_generator
         return state
 
     def load_state_dict(self, state_dict) -> None:
         state_dict = dict(state_dict)
         masters = state_dict.pop("zo_masters", {})
+        # Checkpoints from before the philox generator existed drew z with torch.Generator.
+        self.zo.adopt_z_generator(state_dict.pop("zo_z_generator", "torch"))
         super().load_state_dict(state_dict)
         self.zo.load_state_dict(masters)

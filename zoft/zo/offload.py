@@ -323,9 +323,16 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
     :meth:`flush` applies whatever is left (before evaluation, save, and the next step's update); the
     arithmetic is :meth:`ZOParameters.apply_update`'s, so the weights equal eager MeZO's exactly.
 
+    Fusion: when the forward that finds a parameter's update pending is a perturbed one, the update is
+    handed to the perturbation's swap-in (``zo.pending_update``) instead of being applied by this
+    optimizer's hook, so with the philox z generator the weights are read and written once for the
+    update of step t and the first perturbation of step t+1 (``fused_update_perturb``), not twice.
+
     Args:
         zo, lr, weight_decay, n_directions, on_update, clip: as for :class:`MeZOOptimizer`.
         offloader: the :class:`BlockOffloader` of the model, or ``None``.
+        fuse: hand pending updates to perturbed forwards (default); ``False`` applies them in this
+            optimizer's pre-hook, a separate pass (the unfused reference the tests compare against).
     """
 
     def __init__(
@@ -337,12 +344,16 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         on_update: Callable[[dict], None] | None = None,
         offloader: BlockOffloader | None = None,
         clip: float | None = None,
+        fuse: bool = True,
     ) -> None:
         super().__init__(zo, lr, weight_decay, n_directions, on_update, clip)
         self.offloader = offloader
+        self.fuse = fuse
         self._deferred: tuple[int, list[tuple[int, float]], float, float] | None = None
         self._unapplied: set[str] = set()
         self.applied_in_forward = 0  # parameters updated by a forward hook (not by flush)
+        if fuse:
+            zo.pending_update = self._take
         self._handles = []
         for module, owned in zo._owners:
             names = [name for _, name in owned]
@@ -350,18 +361,31 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
 
     @torch.no_grad()
     def _apply(self, names: list[str], in_forward: bool = False) -> None:
+        if in_forward and self.fuse and self.zo.perturbing:
+            return  # the perturbation's swap-in, a later pre-hook, takes the update (_take) and fuses it
         todo = [n for n in names if n in self._unapplied]
         if not todo:
             return
         step, coefficients, lr, wd = self._deferred
         self.zo.apply_update(step, coefficients, lr, wd, names=todo)
-        self._unapplied.difference_update(todo)
+        self._mark_applied(todo, in_forward)
+
+    def _mark_applied(self, names: list[str], in_forward: bool) -> None:
+        self._unapplied.difference_update(names)
         if self.offloader is not None:
-            self.offloader.mark_dirty(self.zo.params[n] for n in todo)
+            self.offloader.mark_dirty(self.zo.params[n] for n in names)
         if in_forward:
-            self.applied_in_forward += len(todo)
+            self.applied_in_forward += len(names)
         if not self._unapplied:
             self._deferred = None
+
+    def _take(self, name: str) -> tuple[int, list[tuple[int, float]], float, float] | None:
+        """The pending update of ``name`` for the caller to apply now (``ZOParameters.pending_update``)."""
+        if name not in self._unapplied:
+            return None
+        update = self._deferred
+        self._mark_applied([name], True)
+        return update
 
     def _commit_update(self, step: int, coefficients: list[tuple[int, float]], lr: float, wd: float) -> None:
         self.flush()  # a parameter no forward touched still holds the previous update
@@ -396,3 +420,5 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
     def remove_hooks(self) -> None:
         for h in self._handles:
             h.remove()
+        if self.zo.pending_update == self._take:
+            self.zo.pending_update = None

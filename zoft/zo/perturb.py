@@ -12,18 +12,30 @@ so "perturb +eps, -2eps, +eps" round-off drift (which collapses bf16 MeZO runs) 
 restore is bit-exact in every dtype, and memory stays at inference level plus one module's
 temporary. z is generated once per module per forward and once more for the update: 3 passes of
 sampling per step instead of MeZO's 4.
+
+Two z generators: ``"torch"`` samples z with a ``torch.Generator`` (fast on CPU, but its numbers differ
+between CPU and CUDA), ``"philox"`` uses the Philox stream of ``zoft.kernels.zo_reference`` through
+``zoft.kernels.zo_ops`` (the fused Triton kernels on CUDA, z in registers; the plain-torch reference
+elsewhere), the same z on every device, so a CUDA run replays on CPU and an offloaded block sees one z
+wherever it is updated.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
 
+from zoft.errors import ZoftError
+from zoft.kernels.zo_ops import zo_ops
+
 DISTRIBUTIONS = ("gaussian", "rademacher")
+Z_GENERATORS = ("torch", "philox")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_KERNEL_DIRECTIONS = 4  # directions one fused kernel call applies (more: several calls)
 
 
 def derive_seed(run_seed: int, step: int, direction: int, name: str) -> int:
@@ -50,6 +62,28 @@ def sample_z(
     raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
 
 
+def resolve_z_generator(choice: str, on_cuda: bool) -> str:
+    """``"auto"`` -> ``"philox"`` when the trained parameters are computed on CUDA, else ``"torch"``.
+
+    On CPU the plain-torch Philox reference is several times slower than ``torch.randn`` (Gaussian z of a
+    576 x 1536 fp32 matrix: 28 ms vs 3.1 ms, ~9x; Rademacher ~7x; one core here), so ``auto`` keeps the
+    torch generator there.
+
+    Raises:
+        ZoftError: ``choice`` is not auto, torch or philox.
+    """
+    if choice == "auto":
+        return "philox" if on_cuda else "torch"
+    if choice not in Z_GENERATORS:
+        raise ZoftError(f"z_generator {choice!r} is not one of auto, torch, philox")
+    return choice
+
+
+def _kernel_ready(t: torch.Tensor) -> bool:
+    # The z kernels index z by flat offset and compute in fp32 from 16/32-bit storage.
+    return t.dtype in _KERNEL_DTYPES and t.is_contiguous()
+
+
 def _is_no_decay(name: str, param: torch.Tensor) -> bool:
     # Weight decay is skipped for biases and norm weights (1-D tensors), as HF Trainer does.
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
@@ -66,6 +100,20 @@ class ZOParameters:
         master_weights: ``"auto"`` keeps an fp32 copy of trained parameters stored in a lower
             precision (updates of ~1e-6 vanish below bf16 resolution otherwise), ``"fp32"``
             always, ``"none"`` never.
+        z_generator: ``"torch"`` (default; ``torch.Generator``, device-dependent numbers),
+            ``"philox"`` (the device-independent Philox stream, through the fused kernels on CUDA) or
+            ``"auto"`` (philox when the parameters are computed on CUDA, see
+            :func:`resolve_z_generator`).
+        compute_device: where the parameters are computed when that is not where they are stored
+            (ZO2 offload); only used to resolve ``z_generator="auto"``.
+
+    Attributes:
+        z_generations: z streams generated for one parameter tensor (one per parameter and direction).
+        weight_passes: passes over a trained tensor (or its fp32 master) by the perturb/update ops,
+            each one read and one write; the master -> storage copy after an update counts as one.
+        pending_update: set by :class:`zoft.zo.offload.DeferredMeZOOptimizer`: ``name -> (step,
+            coefficients, lr, weight_decay)`` or ``None``, the deferred update a perturbed forward must
+            apply first (with philox, fused into the perturbation: one pass instead of two).
     """
 
     def __init__(
@@ -75,6 +123,8 @@ class ZOParameters:
         *,
         distribution: str = "gaussian",
         master_weights: str = "auto",
+        z_generator: str = "torch",
+        compute_device: torch.device | str | None = None,
     ) -> None:
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown distribution {distribution!r}; expected one of {DISTRIBUTIONS}")
@@ -104,7 +154,38 @@ class ZOParameters:
                 for _, name in owned:
                     owner_count[name] = owner_count.get(name, 0) + 1
         self._shared = {name for name, count in owner_count.items() if count > 1}
+        # A module that clamps its values after an update (QZO's scales) must do so before the next
+        # perturbation reads them, so its parameters are never updated and perturbed in one fused pass.
+        self._constrained = {
+            name for module, owned in self._owners if callable(getattr(module, "constrain_", None)) for _, name in owned
+        }
+        on_cuda = (compute_device is not None and torch.device(compute_device).type == "cuda") or any(
+            p.device.type == "cuda" for p in self.params.values()
+        )
+        self.z_generator_requested = z_generator
+        self.z_generator = resolve_z_generator(z_generator, on_cuda)
         self.z_generations = 0  # how many parameter tensors' z were sampled (cost accounting)
+        self.weight_passes = 0
+        self.pending_update: Callable[[str], tuple[int, list[tuple[int, float]], float, float] | None] | None = None
+        self._perturbing = 0
+
+    def adopt_z_generator(self, recorded: str) -> None:
+        """Continue a run with the z generator it was started with (on resume from a checkpoint).
+
+        ``z_generator="auto"`` follows the recorded one; an explicit different choice is refused, since
+        the resumed steps would draw other directions than the logged ones.
+
+        Raises:
+            ZoftError: the run was started with another, explicitly different generator.
+        """
+        if recorded == self.z_generator:
+            return
+        if self.z_generator_requested != "auto":
+            raise ZoftError(
+                f"method.z_generator: the checkpoint was trained with {recorded!r} z, this run asks for "
+                f"{self.z_generator!r}; set method.z_generator: {recorded} (or auto) to resume it"
+            )
+        self.z_generator = resolve_z_generator(recorded, False)
 
     # -- z -----------------------------------------------------------------------------------
 
@@ -112,23 +193,82 @@ class ZOParameters:
         return derive_seed(self.run_seed, step, direction, name)
 
     def z(self, name: str, step: int, direction: int) -> torch.Tensor:
+        """z of a parameter for (step, direction), materialized in fp32 on the parameter's device."""
         p = self.params[name]
         self.z_generations += 1
-        return sample_z(p.shape, self.seed(step, direction, name), device=p.device, distribution=self.distribution)
+        seed = self.seed(step, direction, name)
+        if self.z_generator == "torch":
+            return sample_z(p.shape, seed, device=p.device, distribution=self.distribution)
+        return self._philox_z(seed, p.shape, p.device)
+
+    def _philox_z(self, seed: int, shape: torch.Size, device: torch.device) -> torch.Tensor:
+        # The backend's own z (w = 0, eps = 1 is exact), so a materialized z (Addax, checks) equals what
+        # the kernels add on CUDA bit for bit, not only to the few ulp between kernel and reference.
+        zeros = torch.zeros(shape, dtype=torch.float32, device=device)
+        return zo_ops(device).perturbed_copy(zeros, seed, 1.0, zeros, rademacher=self._rademacher)
+
+    @property
+    def _rademacher(self) -> bool:
+        return self.distribution == "rademacher"
 
     def value(self, name: str) -> torch.Tensor:
         """The exact current value of a trained parameter (its fp32 master if it has one)."""
         return self.masters.get(name, self.params[name].detach())
 
-    def perturbed_value(self, name: str, step: int, direction: int, scale: float) -> torch.Tensor:
+    def perturbed_value(
+        self,
+        name: str,
+        step: int,
+        direction: int,
+        scale: float,
+        update: tuple[int, list[tuple[int, float]], float, float] | None = None,
+    ) -> torch.Tensor:
+        """``theta + scale * z(step, direction)`` as a new tensor in the parameter's dtype and device.
+
+        Args:
+            name: the trained parameter.
+            step, direction: which z.
+            scale: the perturbation scale (+-eps).
+            update: a deferred ``(step, coefficients, lr, weight_decay)`` to apply to the stored value
+                first (see :meth:`apply_update`). With philox and a fused-capable tensor the update and
+                the perturbation are one pass (``fused_update_perturb``); the result is the same bits as
+                update-then-perturb.
+        """
         p = self.params[name]
-        z = self.z(name, step, direction)
+        if update is not None:
+            target = self.masters.get(name, p.data)
+            if self._can_fuse(name, target):
+                out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                self._philox_update(name, target, *update, pert=(self.seed(step, direction, name), scale, out))
+                self._sync_master(name)  # the stored bf16/fp16 value of the updated master
+                return out
+            self.apply_update(*update, names=[name])
         value = self.value(name)
+        self.weight_passes += 1
+        if self.z_generator == "philox" and _kernel_ready(value) and p.dtype in _KERNEL_DTYPES:
+            self.z_generations += 1
+            # An fp32 master kept in CPU memory for an offloaded block computing elsewhere: z does not
+            # depend on the device, so perturb where the block computes.
+            value = value.to(p.device)
+            out = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            ops = zo_ops(p.device)
+            return ops.perturbed_copy(value, self.seed(step, direction, name), scale, out, rademacher=self._rademacher)
+        z = self.z(name, step, direction)
         if value.dtype == torch.float64:
             z = z.to(torch.float64)
         # z becomes the temporary: z * scale + theta in at least fp32, then cast to the storage dtype.
         out = z.mul_(scale).add_(value)
         return out.to(p.dtype) if out.dtype != p.dtype else out
+
+    def _can_fuse(self, name: str, target: torch.Tensor) -> bool:
+        p = self.params[name]
+        return (
+            self.z_generator == "philox"
+            and _kernel_ready(target)
+            and p.dtype in _KERNEL_DTYPES
+            and target.device == p.device
+            and name not in self._constrained
+        )
 
     # -- the perturbed forward ----------------------------------------------------------------
 
@@ -146,8 +286,11 @@ class ZOParameters:
                 if name in originals:  # a tied parameter already swapped by its other owner
                     continue
                 p = module._parameters[attr]
+                # A deferred update (ZO2) is applied to the stored tensor in place, so the original
+                # kept here is the updated one.
+                update = self.pending_update(name) if self.pending_update is not None else None
                 originals[name] = p.data
-                p.data = self.perturbed_value(name, step, direction, scale)
+                p.data = self.perturbed_value(name, step, direction, scale, update)
 
         def swap_out(owned: list[tuple[str, str]]) -> None:
             for _attr, name in owned:
@@ -158,13 +301,20 @@ class ZOParameters:
         for module, owned in self._owners:
             handles.append(module.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(m, owned)))
             handles.append(module.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
+        self._perturbing += 1
         try:
             yield
         finally:
+            self._perturbing -= 1
             for h in handles:
                 h.remove()
             for name, data in originals.items():
                 self.params[name].data = data
+
+    @property
+    def perturbing(self) -> bool:
+        """Whether a :meth:`perturbed` context is open (its swap-in applies pending updates itself)."""
+        return self._perturbing > 0
 
     # -- the update -----------------------------------------------------------------------------
 
@@ -181,20 +331,85 @@ class ZOParameters:
 
         ``coefficients`` holds (direction, c_k) with c_k the (averaged) projected gradient of
         direction k already divided by the number of directions. Biases and norm weights get no
-        decay. The same call is used by training and by ``zoft replay``, so both round alike.
+        decay. The same call is used by training and by ``zoft replay``, so both round alike. With the
+        philox generator the update runs through ``zo_ops(target.device)`` (``fused_update_perturb``
+        without a perturbation: z is never materialized on CUDA).
         """
         for name in names if names is not None else self.params:
             p = self.params[name]
             target = self.masters.get(name, p.data)
+            if self.z_generator == "philox":
+                if self._philox_update(name, target, step, coefficients, lr, weight_decay):
+                    self._sync_master(name)
+                continue
             wd = 0.0 if _is_no_decay(name, p) else weight_decay
             if lr * wd != 0.0:
                 target.mul_(1.0 - lr * wd)
+                self.weight_passes += 1
             for direction, coef in coefficients:
                 if lr * coef != 0.0:
                     target.add_(self.z(name, step, direction), alpha=-lr * coef)
-            if name in self.masters:
-                p.data.copy_(target)
+                    self.weight_passes += 1
+            self._sync_master(name)
         self._constrain()
+
+    def _sync_master(self, name: str) -> None:
+        if name in self.masters:
+            self.params[name].data.copy_(self.masters[name])
+            self.weight_passes += 1
+
+    def _philox_update(
+        self,
+        name: str,
+        target: torch.Tensor,
+        step: int,
+        coefficients: list[tuple[int, float]],
+        lr: float,
+        weight_decay: float,
+        pert: tuple[int, float, torch.Tensor] | None = None,
+    ) -> bool:
+        """The update of ``target`` with philox z, optionally fused with a perturbed copy into ``pert[2]``.
+
+        In fp32: ``target * (1 - lr * wd) - sum_k (lr * c_k) z_k``, the directions applied 4 per kernel
+        call in order (the decay in the first call), the perturbation ``(seed, scale, out)`` in the last.
+        The fused and unfused calls round identically, so deferring and fusing never changes the bits.
+        Returns whether ``target`` was written (not with lr = 0).
+        """
+        p = self.params[name]
+        wd_coef = lr * (0.0 if _is_no_decay(name, p) else weight_decay)
+        terms = [(self.seed(step, k, name), lr * c) for k, c in coefficients if lr * c != 0.0]
+        if not _kernel_ready(target):  # e.g. float64 or non-contiguous: materialize z, same order of terms
+            if wd_coef != 0.0:
+                target.mul_(1.0 - wd_coef)
+                self.weight_passes += 1
+            for seed, c in terms:
+                self.z_generations += 1
+                target.add_(self._philox_z(seed, target.shape, target.device).to(target.dtype), alpha=-c)
+                self.weight_passes += 1
+            return wd_coef != 0.0 or bool(terms)
+        ops = zo_ops(target.device)
+        written = False
+        n = _MAX_KERNEL_DIRECTIONS
+        chunks = [terms[i:i + n] for i in range(0, len(terms), n)] or [[]]
+        for i, chunk in enumerate(chunks):
+            decay = wd_coef if i == 0 else 0.0
+            out = pert if i == len(chunks) - 1 else None
+            if not chunk and decay == 0.0 and out is None:
+                continue  # nothing to do: no pass (lr = 0 leaves the weights untouched)
+            written = True
+            self.weight_passes += 1
+            self.z_generations += len(chunk) + (out is not None)
+            ops.fused_update_perturb(
+                target,
+                [s for s, _ in chunk],
+                [c for _, c in chunk],
+                decay,
+                None if out is None else out[0],
+                0.0 if out is None else out[1],
+                None if out is None else out[2],
+                rademacher=self._rademacher,
+            )
+        return written
 
     def _constrain(self) -> None:
         # Modules may keep their trained values in a valid range (e.g. positive quantization scales).

@@ -2,8 +2,11 @@
 
 Because every z derives from (run seed, step, direction, parameter name), the scalars
 ``(step, lr, weight decay, per-direction coefficient)`` are all that is needed to rebuild the
-fine-tuned weights from the base model (:func:`replay_updates`), on the same device type and
-dtype exactly. The first line is a header describing the run; each later line is one step.
+fine-tuned weights from the base model (:func:`replay_updates`). With the torch z generator that is
+exact on the same device type and dtype; with the philox generator (``z_generator`` in the header) on
+any device, bit for bit for Rademacher z and to a few ulp per z for Gaussian z between the CUDA
+kernels and the CPU reference. The first line is a header describing the run; each later line is one
+step.
 """
 
 from __future__ import annotations
@@ -87,10 +90,16 @@ def replay_updates(zo: ZOParameters, header: dict, records: Iterable[dict]) -> i
     return n
 
 
+def recorded_z_generator(header: dict) -> str:
+    """The z generator a trajectory was written with; logs without the field predate philox: torch."""
+    return header.get("z_generator", "torch")
+
+
 def trajectory_header(zo: ZOParameters, **extra) -> dict:
     return {
         "run_seed": zo.run_seed,
         "distribution": zo.distribution,
+        "z_generator": zo.z_generator,
         "master_weights": sorted(zo.masters),
         "rng_device": str(next(iter(zo.params.values())).device.type),
         "trained": {n: [list(p.shape), str(p.dtype)] for n, p in zo.params.items()},

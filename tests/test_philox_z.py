@@ -1,0 +1,327 @@
+"""The philox z generator on the training path: z from the kernels' Philox stream, fused ZO2 update+perturb.
+
+CPU tests use the plain-torch reference backend; the Triton kernels run in a subprocess under
+TRITON_INTERPRET=1 (tests/zo_philox_interpret_worker.py); the gpu-marked test runs them on CUDA.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_recipe
+from test_mezo_trainer import _KillAt, _weights
+from test_offload import batches, tiny
+from test_perturb import Quadratic, TwoLayer
+
+from zoft import checkpoints, run
+from zoft.config import validate_recipe
+from zoft.errors import ZoftError
+from zoft.kernels import zo_reference as R
+from zoft.zo.estimate import DirectionEstimate, spsa
+from zoft.zo.mezo import MeZOOptimizer
+from zoft.zo.offload import BlockOffloader, DeferredMeZOOptimizer
+from zoft.zo.perturb import ZOParameters, derive_seed, resolve_z_generator
+from zoft.zo.trajectory import read_trajectory, recorded_z_generator, replay_updates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    monkeypatch.delenv("ZOFT_ZO_KERNEL", raising=False)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_philox_z_of_a_parameter_is_the_reference_stream_of_its_seed(distribution):
+    zo = ZOParameters(TwoLayer(), run_seed=3, distribution=distribution, z_generator="philox")
+    assert zo.z_generator == "philox"
+    for name, p in zo.params.items():
+        seed = derive_seed(3, 5, 1, name)
+        expected = R.philox_z(seed, p.numel(), rademacher=distribution == "rademacher").view(p.shape)
+        assert torch.equal(zo.z(name, 5, 1), expected), name
+    # The perturbed temporary is w + scale z, from the fused perturbed_copy (no z tensor in between).
+    name = "first.weight"
+    w = zo.params[name].detach().clone()
+    got = zo.perturbed_value(name, 5, 1, 0.5)
+    assert torch.equal(got, R.perturbed_copy(w, derive_seed(3, 5, 1, name), 0.5,
+                                             rademacher=distribution == "rademacher"))
+    assert torch.equal(got, w + zo.z(name, 5, 1) * torch.tensor(0.5))
+
+
+def test_auto_picks_philox_where_training_computes_on_cuda():
+    assert resolve_z_generator("auto", on_cuda=False) == "torch"
+    assert resolve_z_generator("auto", on_cuda=True) == "philox"
+    assert resolve_z_generator("torch", on_cuda=True) == "torch"
+    assert ZOParameters(TwoLayer(), 0, z_generator="auto").z_generator == "torch"
+    # ZO2: blocks stored on CPU but computed on CUDA (no CUDA tensor is made for this).
+    assert ZOParameters(TwoLayer(), 0, z_generator="auto", compute_device="cuda").z_generator == "philox"
+    with pytest.raises(ZoftError, match="auto, torch, philox"):
+        ZOParameters(TwoLayer(), 0, z_generator="numpy")
+
+
+def test_philox_step_with_zero_learning_rate_leaves_every_parameter_exactly_as_it_was():
+    for dtype in (torch.float32, torch.bfloat16):
+        model = TwoLayer().to(dtype)
+        zo = ZOParameters(model, run_seed=0, z_generator="philox")
+        opt = MeZOOptimizer(zo, lr=0.0, weight_decay=0.1)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        x = torch.randn(3, 5, dtype=dtype)
+        for step in range(3):
+            for est in spsa(zo, lambda m=model, x=x: m(x).float().pow(2).mean(), step=step, eps=1e-2, n_directions=2):
+                opt.record(step, est)
+            passes = zo.weight_passes
+            opt.step()
+            assert zo.weight_passes == passes  # lr = 0: the update does not touch the weights at all
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]), (dtype, n)
+
+
+def test_philox_update_is_the_reference_formula_exactly_over_more_directions_than_one_kernel_call():
+    model = TwoLayer()
+    zo = ZOParameters(model, run_seed=4, z_generator="philox")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lr, wd = 0.1, 0.01
+    coefficients = [(k, 0.3 * (k + 1) * (-1) ** k) for k in range(6)]  # 6 directions: kernel calls of 4 + 2
+    zo.apply_update(step=7, coefficients=coefficients, lr=lr, weight_decay=wd)
+    for n, p in model.named_parameters():
+        decay = 0.0 if (n.endswith("bias") or n.startswith("norm")) else wd
+        # fp32 in the kernel's order: w * (1 - lr wd), then each lr c_k z_k subtracted.
+        expected = before[n] * torch.tensor(1 - lr * decay)
+        for k, c in coefficients:
+            expected = expected - zo.z(n, 7, k) * torch.tensor(lr * c)
+        assert torch.equal(p, expected), n
+
+
+def test_philox_spsa_projected_gradient_is_the_directional_derivative_and_averages_to_the_gradient():
+    # float64 parameters: not a kernel dtype, so z is materialized from the same Philox stream.
+    model = Quadratic()
+    zo = ZOParameters(model, run_seed=1, master_weights="none", z_generator="philox")
+    eps, n = 1e-3, 3000
+    total = torch.zeros_like(model.theta)
+    for step in range(n):
+        (est,) = spsa(zo, model, step=step, eps=eps)
+        z = zo.z("theta", step, 0).to(torch.float64)
+        assert est.projected_grad == pytest.approx(float(z @ model.grad()), rel=1e-6, abs=1e-6)
+        total += est.projected_grad * z
+    true = model.grad()
+    assert torch.linalg.norm(total / n - true) / torch.linalg.norm(true) < 0.12
+
+
+def test_philox_mezo_minimizes_an_fp32_quadratic_through_the_kernel_path():
+    model = Quadratic(d=8).float()
+    zo = ZOParameters(model, run_seed=2, z_generator="philox")
+    assert not zo.masters  # fp32: the perturbation and update go through perturbed_copy / fused_update_perturb
+    opt = MeZOOptimizer(zo, lr=1e-2)
+    a, b = model.A.double(), model.b.double()
+    f_min = float(-0.5 * b @ torch.linalg.solve(a, b))
+    start = float(model().detach())
+    for step in range(300):
+        for est in spsa(zo, model, step=step, eps=1e-3):
+            opt.record(step, est)
+        opt.step()
+    # 300 ZO-SGD steps close at least 95% of the gap to the minimum (about 99.8% here).
+    assert float(model().detach()) - f_min < 0.05 * (start - f_min)
+
+
+@torch.no_grad()
+def _run(model, data, zo_kwargs, *, offload=False, fuse=True, wd=0.1, lr=1e-2):
+    """3 MeZO steps written out (not spsa) to count the weight passes of each step's first forward."""
+    zo = ZOParameters(model, run_seed=3, **zo_kwargs)
+    log = []
+    if offload:
+        opt = DeferredMeZOOptimizer(zo, lr=lr, weight_decay=wd, on_update=log.append,
+                                    offloader=BlockOffloader(model, "cpu", "cpu"), fuse=fuse)
+    else:
+        opt = MeZOOptimizer(zo, lr=lr, weight_decay=wd, on_update=log.append)
+    first_forward_passes = []
+    for step, ids in enumerate(data):
+        before = zo.weight_passes
+        with zo.perturbed(step, 0, 1e-2):
+            loss_plus = float(model(input_ids=ids, labels=ids).loss)
+        first_forward_passes.append(zo.weight_passes - before)
+        with zo.perturbed(step, 0, -1e-2):
+            loss_minus = float(model(input_ids=ids, labels=ids).loss)
+        opt.record(step, DirectionEstimate(0, (loss_plus - loss_minus) / 2e-2, loss_plus, loss_minus))
+        opt.step()
+    opt.flush()
+    return zo, opt, log, first_forward_passes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_deferred_update_gives_the_weights_of_unfused_and_of_in_memory_mezo_in_one_pass(dtype):
+    data = batches(3)
+    philox = {"z_generator": "philox"}
+    models = {k: tiny("llama").to(dtype) for k in ("eager", "unfused", "fused")}
+    eager = _run(models["eager"], data, philox)
+    unfused = _run(models["unfused"], data, philox, offload=True, fuse=False)
+    fused = _run(models["fused"], data, philox, offload=True, fuse=True)
+    assert eager[2] == unfused[2] == fused[2]  # the same losses, projected gradients, lr
+    for name, a in models["eager"].state_dict().items():
+        assert torch.equal(a, models["unfused"].state_dict()[name]), name
+        assert torch.equal(a, models["fused"].state_dict()[name]), name
+    for name, m in eager[0].masters.items():
+        assert torch.equal(m, fused[0].masters[name]) and torch.equal(m, unfused[0].masters[name]), name
+    n = len(fused[0].params)
+    assert fused[1].applied_in_forward == unfused[1].applied_in_forward == 2 * n
+    # Step 0 has no pending update: one perturbed_copy pass per parameter. At steps 1 and 2 the first
+    # forward also applies the previous update: one fused pass (+1 master -> bf16 copy) instead of two.
+    sync = 1 if dtype == torch.bfloat16 else 0
+    assert fused[3] == [n, (1 + sync) * n, (1 + sync) * n]
+    assert unfused[3] == [n, (2 + sync) * n, (2 + sync) * n]
+    assert fused[0].weight_passes < unfused[0].weight_passes == eager[0].weight_passes
+
+
+def test_torch_generator_deferred_update_is_unfused_and_unchanged():
+    data = batches(2)
+    a, b = tiny("llama"), tiny("llama")
+    ref = _run(a, data, {}, wd=0.0)
+    off = _run(b, data, {}, offload=True, wd=0.0)
+    assert off[3] == [len(off[0].params), 2 * len(off[0].params)]  # the update is its own pass with torch z
+    assert ref[2] == off[2]
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+def test_triton_kernels_in_training_match_the_reference_under_the_interpreter(tmp_path):
+    path = tmp_path / "philox_runs.pt"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "zo_philox_interpret_worker.py"), str(path)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = torch.load(path)
+    # Rademacher (bf16 weights, fp32 masters): Philox words are bit-exact, so is the whole run.
+    tri, ref = runs["rademacher"]["triton"], runs["rademacher"]["torch"]
+    assert tri["log"] == ref["log"]
+    for name, t in ref["state"].items():
+        assert torch.equal(tri["state"][name], t), name
+    for name, t in ref["masters"].items():
+        assert torch.equal(tri["masters"][name], t), name
+    # Gaussian (fp32): z agrees to a few ulp (Box-Muller's log/cos/sin), so the run does too.
+    tri, ref = runs["gaussian"]["triton"], runs["gaussian"]["torch"]
+    for a, b in zip(tri["log"], ref["log"]):
+        assert a["coefficients"][0][1] == pytest.approx(b["coefficients"][0][1], rel=1e-4, abs=1e-5)
+    for name, t in ref["state"].items():
+        torch.testing.assert_close(tri["state"][name], t, rtol=0, atol=1e-6)
+    # The Triton run was offloaded with the fused update: one pass fewer per parameter per update.
+    n = tri["n_params"]
+    assert ref["passes"] - tri["passes"] == n
+
+
+# -- through the recipe, resume and replay ------------------------------------------------------------
+
+
+def _train(recipe_dict):
+    recipe = validate_recipe(recipe_dict)
+    run.prepare_output_dir(recipe)
+    trainer = run.build_trainer(recipe)
+    trainer.train()
+    return trainer
+
+
+def test_recipe_philox_trains_resumes_and_replays_bit_for_bit(tiny_llama_dir, sentiment_csv, tmp_path):
+    settings = {"train": {"max_steps": 6, "save_steps": 2}, "method": {"z_generator": "philox"}}
+    straight = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "straight", **settings))
+    run.train(straight)
+    header, records = read_trajectory(tmp_path / "straight" / "trajectory.jsonl")
+    assert header["z_generator"] == "philox" and len(records) == 6
+
+    killed = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "killed", **settings))
+    run.prepare_output_dir(killed)
+    trainer = run.build_trainer(killed)
+    trainer.add_callback(_KillAt(5))
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    del trainer
+    assert checkpoints.latest_complete_checkpoint(tmp_path / "killed").name == "checkpoint-4"
+    # An explicit other generator would draw other directions than the logged ones: refused.
+    wrong = killed.model_copy(update={"output": killed.output.model_copy(update={"resume": True}),
+                                      "method": killed.method.model_copy(update={"z_generator": "torch"})})
+    with pytest.raises(ZoftError, match="method.z_generator: the checkpoint was trained with 'philox'"):
+        run.train(wrong)
+    # auto (torch on this CPU) follows the checkpoint's philox.
+    resumed = wrong.model_copy(update={"method": killed.method.model_copy(update={"z_generator": "auto"})})
+    run.train(resumed)
+
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_trajectory(tmp_path / "killed" / "trajectory.jsonl")[1] == records
+
+    assert run.replay(str(tmp_path / "straight"), str(tmp_path / "rebuilt")) == 6
+    c = _weights(tmp_path / "rebuilt")
+    for k in a:
+        assert torch.equal(a[k], c[k]), k
+
+
+def test_replay_uses_the_recorded_generator_and_old_logs_mean_torch(tiny_llama_dir, sentiment_csv, tmp_path):
+    assert recorded_z_generator({"run_seed": 1}) == "torch"
+    run.train(validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "run",
+                                          method={"z_generator": "torch"}, train={"save_strategy": "no"})))
+    log = tmp_path / "run" / "trajectory.jsonl"
+    header, records = read_trajectory(log)
+    assert header["z_generator"] == "torch"
+    del header["z_generator"]  # a trajectory written before the field existed
+    log.write_text("\n".join(json.dumps(x) for x in [header, *records]) + "\n")
+    assert run.replay(str(tmp_path / "run"), str(tmp_path / "rebuilt")) == 4
+    a, b = _weights(tmp_path / "run"), _weights(tmp_path / "rebuilt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_recipe_offload_with_philox_trains_exactly_like_the_in_memory_recipe(tiny_llama_dir, sentiment_csv, tmp_path):
+    method = {"z_generator": "philox"}
+    plain = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method=method,
+                               train={"save_strategy": "no"}))
+    off = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method=method,
+                             offload={"device": "cpu"}, train={"save_strategy": "no"}))
+    opt = off.zo_optimizer
+    assert isinstance(opt, DeferredMeZOOptimizer) and opt.fuse and opt.zo.z_generator == "philox"
+    assert opt.applied_in_forward == 3 * len(opt.zo.params)  # steps 1-3 fused into their first forward
+    assert off.zo_params.weight_passes < plain.zo_params.weight_passes
+    ta = read_trajectory(tmp_path / "plain" / "trajectory.jsonl")[1]
+    assert ta == read_trajectory(tmp_path / "off" / "trajectory.jsonl")[1]
+    for (n, a), b in zip(plain.model.state_dict().items(), off.model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+# -- CUDA: the real kernels (skipped without a GPU) -----------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_gpu_offload_philox_fused_matches_the_cpu_reference_and_replays_on_cpu(distribution):
+    data = batches(3)
+    cpu_model, gpu_model = tiny("llama"), tiny("llama")
+    cpu = _run(cpu_model, data, {"z_generator": "philox", "distribution": distribution})
+    zo = ZOParameters(gpu_model, run_seed=3, distribution=distribution, z_generator="auto", compute_device="cuda")
+    assert zo.z_generator == "philox"
+    offloader = BlockOffloader(gpu_model, "cuda", "cpu")
+    log = []
+    opt = DeferredMeZOOptimizer(zo, lr=1e-2, weight_decay=0.1, on_update=log.append, offloader=offloader)
+    for step, ids in enumerate(data):
+        ids = ids.cuda()
+        for e in spsa(zo, lambda ids=ids: gpu_model(input_ids=ids, labels=ids).loss, step=step, eps=1e-2):
+            opt.record(step, e)
+        opt.step()
+    opt.flush()
+    n = len(zo.params)
+    assert opt.applied_in_forward == 2 * n
+    # Fused on CUDA: 2 passes at step 0, 1 + 1 at steps 1 and 2 (update fused into +eps), 1 for the flush.
+    assert zo.weight_passes == 7 * n
+    for r, o in zip(cpu[2], log):  # CUDA and CPU matmuls round differently: the losses agree closely
+        assert r["coefficients"][0][1] == pytest.approx(o["coefficients"][0][1], rel=1e-3, abs=1e-3)
+    gpu_state = {n: t.cpu() for n, t in gpu_model.state_dict().items()}
+    for name, a in cpu_model.state_dict().items():
+        torch.testing.assert_close(gpu_state[name], a, rtol=0, atol=1e-4)
+    # The CUDA run's scalar log rebuilds its weights on CPU with the reference Philox (few-ulp z).
+    rebuilt = tiny("llama")
+    header = {"trained": {}}
+    replay_updates(ZOParameters(rebuilt, 3, distribution=distribution, z_generator="philox"), header, log)
+    for name, a in rebuilt.state_dict().items():
+        torch.testing.assert_close(a, gpu_state[name], rtol=0, atol=1e-6)
