@@ -172,6 +172,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
             distribution=recipe.method.distribution,
             master_weights=recipe.method.master_weights,
             clip_projected_grad=recipe.method.projected_grad_clip,
+            paired_forward=recipe.uses_paired_forward,
         )
     privacy = None
     if recipe.privacy is not None:

@@ -130,6 +130,18 @@ class ZOParameters:
         out = z.mul_(scale).add_(value)
         return out.to(p.dtype) if out.dtype != p.dtype else out
 
+    def perturbed_pair(self, name: str, step: int, direction: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta + eps z, theta - eps z)`` from one sample of z, for the paired forward
+        (:mod:`zoft.zo.paired`); each equals :meth:`perturbed_value` with ``+eps`` / ``-eps`` bit for bit."""
+        p = self.params[name]
+        z = self.z(name, step, direction)
+        value = self.value(name)
+        if value.dtype == torch.float64:
+            z = z.to(torch.float64)
+        plus = torch.mul(z, eps).add_(value)
+        minus = z.mul_(-eps).add_(value)  # z * (-eps) is -(z * eps) exactly: the same rounding as perturbed_value
+        return tuple(t.to(p.dtype) if t.dtype != p.dtype else t for t in (plus, minus))
+
     # -- the perturbed forward ----------------------------------------------------------------
 
     @contextlib.contextmanager
