@@ -354,3 +354,17 @@ def test_auto_stays_off_where_pairing_does_not_apply(tmp_path):
     assert not pertp.uses_paired_forward  # PertP + offload: each rank runs one sign already
     off = validate_recipe(tiny_recipe("m", "d.csv", tmp_path, method={"paired_forward": False}, offload="cpu"))
     assert not off.uses_paired_forward
+
+
+def test_qzo_on_nf4_scales_with_the_paired_forward_matches_two_forwards(tokenizer_dir, sentiment_csv, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from conftest import make_tiny_llama
+    from test_qzo import _qzo_recipe
+
+    model_dir = make_tiny_llama(tmp_path / "llama64", tokenizer_dir, hidden=64)  # NF4 needs in_features >= 64
+    two = _train(_qzo_recipe(model_dir, sentiment_csv, tmp_path / "two", method={"paired_forward": False}))
+    one = _train(_qzo_recipe(model_dir, sentiment_csv, tmp_path / "one", method={"paired_forward": True}))
+    assert one.zo_config.paired_forward and not two.zo_config.paired_forward
+    ta, tb = (read_trajectory(tmp_path / k / "trajectory.jsonl")[1] for k in ("two", "one"))
+    assert len(ta) == 4 and ta == tb
+    _same_weights(two, one)

@@ -11,7 +11,8 @@ post-hook swaps the stored tensor back. The stored values are never modified by 
 so "perturb +eps, -2eps, +eps" round-off drift (which collapses bf16 MeZO runs) cannot happen,
 restore is bit-exact in every dtype, and memory stays at inference level plus one module's
 temporary. z is generated once per module per forward and once more for the update: 3 passes of
-sampling per step instead of MeZO's 4.
+sampling per step instead of MeZO's 4 (2 with the paired forward of :mod:`zoft.zo.paired`, which
+runs both perturbed forwards in one forward of a doubled batch).
 """
 
 from __future__ import annotations
