@@ -27,14 +27,26 @@ def data():
     return [torch.randint(0, VOCAB, (GLOBAL_BATCH, 10), generator=g) for _ in range(STEPS)]
 
 
-def train(dzo: DistZO, model):
+def pair_losses(model, ids):
+    """(L+, L-) from one forward of [ids; ids] (the paired forward), each half with the model's own loss."""
+    n = ids.shape[0]
+    logits = model(input_ids=torch.cat([ids, ids])).logits
+    return tuple(model.loss_function(logits=h, labels=ids, vocab_size=VOCAB) for h in (logits[:n], logits[n:]))
+
+
+def train(dzo: DistZO, model, paired=False):
     zo = ZOParameters(model, run_seed=3)
     log = []
     opt = MeZOOptimizer(zo, lr=1e-2, on_update=log.append)
     shard = GLOBAL_BATCH // dzo.dp
     for step, ids in enumerate(data()):
         mine = ids[dzo.dp_index * shard : (dzo.dp_index + 1) * shard]
-        for e in dzo.spsa(zo, lambda mine=mine: model(input_ids=mine, labels=mine).loss, step=step, eps=1e-2):
+        if paired:
+            estimates = dzo.paired_spsa(zo, lambda mine=mine: pair_losses(model, mine), mine.shape[0], step=step,
+                                        eps=1e-2, seq_len=mine.shape[1])
+        else:
+            estimates = dzo.spsa(zo, lambda mine=mine: model(input_ids=mine, labels=mine).loss, step=step, eps=1e-2)
+        for e in estimates:
             opt.record(step, e)
         opt.step()
     return zo, log
@@ -53,6 +65,12 @@ def main():
         result = {"log": log, "scalars_sent": dzo.scalars_sent}
         if rank == 0:
             torch.save(model.state_dict(), out + ".pt")
+    elif mode == "train-paired":  # DP: the paired estimate next to the two-forward one, on fresh models
+        _, log = train(dzo, model)
+        paired_model = tiny()
+        _, paired_log = train(dzo, paired_model, paired=True)
+        same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), paired_model.state_dict().values()))
+        result = {"log": paired_log, "unpaired_log": log, "same_weights": same, "scalars_sent": dzo.scalars_sent}
     elif mode == "diverge":
         zo = ZOParameters(model, run_seed=3)
         if rank == 1:

@@ -57,6 +57,19 @@ def test_two_gloo_ranks_end_with_the_weights_of_the_single_process_run(single_pr
         assert r0["scalars_sent"] == 3 * 2 + 4
 
 
+def test_data_parallel_ranks_with_the_paired_forward_match_their_two_forward_run(tmp_path):
+    out = str(tmp_path / "paired")
+    torchrun([str(HERE / "distzo_worker.py"), "train-paired", "1", out])
+    r0, r1 = (json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1))
+    assert r0["log"] == r1["log"]  # every rank applied the same updates
+    for r in (r0, r1):
+        # Each rank's (L+, L-) from one doubled forward are the two forwards' losses bit for bit (CPU), so
+        # the all-gathered estimates and the weights are those of DP with two forwards.
+        assert r["log"] == r["unpaired_log"] and r["same_weights"]
+    # 2 runs x 3 steps x (L+, L-), plus a checksum per step each
+    assert r0["scalars_sent"] == 2 * (3 * 2 + 3)
+
+
 def test_checksum_fails_loudly_on_every_rank_when_weights_diverge(tmp_path):
     out = str(tmp_path / "div")
     torchrun([str(HERE / "distzo_worker.py"), "diverge", "2", out])

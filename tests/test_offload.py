@@ -175,6 +175,8 @@ def test_recipe_with_offload_trains_exactly_like_the_in_memory_recipe(tiny_llama
     plain = _recipe_run(tiny_llama_dir, sentiment_csv, tmp_path / "plain")
     off = _recipe_run(tiny_llama_dir, sentiment_csv, tmp_path / "off", offload={"device": "cpu"})
     assert isinstance(off.zo_optimizer, DeferredMeZOOptimizer)
+    # paired_forward auto: the offloaded run pairs its forwards, the plain one runs two; same numbers on CPU.
+    assert off.zo_config.paired_forward and not plain.zo_config.paired_forward
     assert not off.zo_optimizer.has_deferred  # train() flushed the last step's update
     ta = read_trajectory(tmp_path / "plain" / "trajectory.jsonl")[1]
     tb = read_trajectory(tmp_path / "off" / "trajectory.jsonl")[1]

@@ -42,6 +42,19 @@ def test_offload_moves_block_weights_to_cpu_and_adamw_adds_gradients_and_state()
     assert bf16.cpu["fp32 masters"] == 4 * n and bf16.cpu["weights (offloaded blocks)"] == 2 * blocks
 
 
+def test_offload_plans_the_paired_forward_by_default_with_the_activations_of_a_doubled_batch():
+    from zoft.plan import activation_bytes
+
+    shape = model_shape(LlamaConfig(**CFG))
+    common = dict(method="mezo", lora=False, batch=2, seq=16)
+    paired = estimate(shape, offload=True, **common)  # paired_forward auto: on with offload
+    two = estimate(shape, offload=True, paired=False, **common)
+    assert paired.gpu["activations (paired: doubled batch)"] == activation_bytes(shape, 4, 16, 4, stored=False)
+    assert two.gpu["activations"] == activation_bytes(shape, 2, 16, 4, stored=False)
+    assert paired.gpu["ZO temporaries"] == 2 * two.gpu["ZO temporaries"]  # theta +- eps z both live
+    assert "activations (paired: doubled batch)" not in estimate(shape, offload=False, **common).gpu
+
+
 def test_plan_refuses_the_in_memory_setting_and_recommends_offload_when_only_that_fits():
     from zoft.plan import render
 

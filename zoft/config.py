@@ -153,6 +153,16 @@ class MethodSection(Section):
         "CUDA (with offload: offload.compute_device), torch on CPU, where the plain-torch Philox is ~9x slower "
         "than torch.randn (Gaussian z of a 576x1536 fp32 matrix: 28 vs 3.1 ms, one core).",
     )
+    paired_forward: Literal["auto"] | bool = Field(
+        "auto",
+        description="ZO: run the +eps and -eps forwards as one forward of the batch doubled ([x; x]), each module "
+        "with trained weights computing its two halves back to back. With offload each block is then uploaded "
+        "once per step instead of twice, and z is sampled once for both forwards (two samplings per step with the "
+        "update, not three); it costs the activation memory of a doubled batch. auto: on with offload (causal_lm "
+        "task, not with distributed.perturbation_parallel 2), off otherwise.",
+    )
+
+    # --- QZO / Addax options (zoft/zo/qzo.py, zoft/zo/addax.py) ---
     clip_projected_grad: float | None = Field(
         None,
         gt=0,
@@ -582,6 +592,18 @@ class Recipe(Section):
     privacy: PrivacySection | None = None
     distributed: DistributedSection | None = None
 
+    @property
+    def uses_paired_forward(self) -> bool:
+        """method.paired_forward resolved: ``auto`` is on with offload where the paired forward applies."""
+        value = self.method.paired_forward
+        if value == "auto":
+            pertp = self.distributed is not None and self.distributed.perturbation_parallel == 2
+            return (
+                self.offload is not None and self.method.name == "mezo" and self.privacy is None and not pertp
+                and self.model.task == "causal_lm"
+            )
+        return bool(value) and self.method.is_zeroth_order
+
     @model_validator(mode="after")
     def _combinations(self) -> Recipe:
         if self.model.task == "sequence_classification" and self.data.format != "classification":
@@ -619,10 +641,40 @@ class Recipe(Section):
         if deepspeed_problem:
             raise ValueError(deepspeed_problem)
         _qzo_addax_combinations(self)  # QZO / Addax
+        paired_problem = _paired_forward_problem(self)
+        if paired_problem:
+            raise ValueError(paired_problem)
         galore_problem = _natural_galore_combination_problem(self)
         if galore_problem:
             raise ValueError(galore_problem)
         return self
+
+
+def _paired_forward_problem(recipe: Recipe) -> str | None:
+    """One line naming the keys when ``method.paired_forward: true`` does not fit the recipe (zoft/zo/paired.py)."""
+    method = recipe.method
+    if method.paired_forward is not True:
+        return None
+    if not method.is_zeroth_order:
+        return f"method.paired_forward: only used by zeroth-order methods, not '{method.name}'"
+    if method.name == "addax":
+        return "method.paired_forward: true is not supported with method 'addax' in this version; drop it"
+    if recipe.distributed is not None and recipe.distributed.perturbation_parallel == 2:
+        return (
+            "method.paired_forward: true with distributed.perturbation_parallel 2: PertP already runs the +eps and "
+            "-eps forwards on two ranks; set one of them off (paired_forward: false or perturbation_parallel: 1)"
+        )
+    if recipe.privacy is not None:
+        return (
+            "method.paired_forward: true with privacy is not supported (DPZero scores each example's two forwards "
+            "itself); drop it"
+        )
+    if recipe.model.task != "causal_lm":
+        return (
+            f"method.paired_forward: true needs model.task 'causal_lm' (the loss of each half of a "
+            f"'{recipe.model.task}' batch is not split); drop it"
+        )
+    return None
 
 
 def _lora_combination_problem(recipe: Recipe) -> str | None:

@@ -13,13 +13,23 @@ def verbalizer_scores(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     (one-token words, scored from the last position) or ``candidate_mask`` (multi-token words,
     one row per example and candidate, token log-probabilities summed).
     """
+    return verbalizer_scores_from_logits(model(**verbalizer_forward_kwargs(inputs)).logits, inputs)
+
+
+def verbalizer_forward_kwargs(inputs: dict[str, torch.Tensor]) -> dict:
+    """The model's keyword arguments for :func:`verbalizer_scores` (one-token words: the last position only)."""
     batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids")}
+    return {**batch, "logits_to_keep": 1} if "candidate_ids" in inputs else batch
+
+
+def verbalizer_scores_from_logits(logits: torch.Tensor, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """:func:`verbalizer_scores` from the logits of the model called with :func:`verbalizer_forward_kwargs`
+    (the paired forward scores each half of a doubled batch with it)."""
     if "candidate_ids" in inputs:
-        logits = model(**batch, logits_to_keep=1).logits[:, -1, :]
-        return logits.float().log_softmax(-1)[:, inputs["candidate_ids"]]
+        return logits[:, -1, :].float().log_softmax(-1)[:, inputs["candidate_ids"]]
     mask = inputs["candidate_mask"]
-    logits = model(**batch).logits[:, :-1, :].float()
-    targets = batch["input_ids"][:, 1:]
+    logits = logits[:, :-1, :].float()
+    targets = inputs["input_ids"][:, 1:]
     token_logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     per_row = (token_logp * mask[:, 1:]).sum(-1)
     n_candidates = int(per_row.numel() // inputs["cls_labels"].numel())

@@ -131,6 +131,7 @@ def estimate(
     batch: int,
     seq: int,
     dtype: str = "float32",
+    paired: bool | None = None,
 ) -> Estimate:
     """Peak GPU and CPU memory of one setting.
 
@@ -141,6 +142,8 @@ def estimate(
         offload: ZO2 (blocks in CPU memory; two blocks resident: the computing and the prefetched one).
         batch, seq: per-device batch size and tokens per example.
         dtype: storage dtype of the weights.
+        paired: ZO with the paired forward (``method.paired_forward``): one forward of a doubled batch;
+            ``None``: with offload, as ``paired_forward: auto``.
     """
     b = DTYPE_BYTES[dtype]
     zo = method == "mezo"
@@ -157,7 +160,13 @@ def estimate(
     if b != 4:
         # fp32 masters of what is trained; with offload they live with the stored blocks.
         (est.cpu if offload and not lora else est.gpu)["fp32 masters"] = trained * 4
-    if zo:
+    if zo and (offload if paired is None else paired):
+        # theta + eps z and theta - eps z of a tied embedding (kept for both its users) and of the module
+        # computing, an upper bound; the activations of the doubled batch [x; x].
+        largest = min(shape.largest_tensor, trained)
+        est.gpu["ZO temporaries"] = 4 * largest * 4
+        est.gpu["activations (paired: doubled batch)"] = activation_bytes(shape, 2 * batch, seq, b, stored=False)
+    elif zo:
         # theta + eps z of the largest trained tensor, plus z for the update.
         largest = min(shape.largest_tensor, trained)
         est.gpu["ZO temporaries"] = 2 * largest * 4
@@ -276,7 +285,8 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
     cpu_free = measured_cpu if cpu_free is None else cpu_free
     common = dict(batch=recipe.train.per_device_train_batch_size, seq=recipe.data.max_length, dtype=m.dtype)
     chosen = estimate(
-        shape, method=recipe.method.name, lora=lora_cfg is not None, offload=recipe.offload is not None, **common
+        shape, method=recipe.method.name, lora=lora_cfg is not None, offload=recipe.offload is not None,
+        paired=recipe.uses_paired_forward, **common
     )
     fo = recipe.method.name if not recipe.method.is_zeroth_order else "adamw"
     alternatives = [

@@ -173,6 +173,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
             master_weights=recipe.method.master_weights,
             z_generator=recipe.method.z_generator,
             clip_projected_grad=recipe.method.projected_grad_clip,
+            paired_forward=recipe.uses_paired_forward,
         )
     privacy = None
     if recipe.privacy is not None:

@@ -18,10 +18,17 @@ import torch
 from transformers import Trainer
 
 from zoft.checkpoints import CompleteCheckpointMarker
-from zoft.losses import verbalizer_loss, verbalizer_scores
+from zoft.errors import ZoftError
+from zoft.losses import (
+    verbalizer_forward_kwargs,
+    verbalizer_loss,
+    verbalizer_scores,
+    verbalizer_scores_from_logits,
+)
 from zoft.metrics import ZoftMetricsCallback
-from zoft.zo.estimate import spsa
+from zoft.zo.estimate import paired_spsa, spsa
 from zoft.zo.mezo import MeZOConfig, MeZOOptimizer
+from zoft.zo.paired import double_batch
 from zoft.zo.perturb import ZOParameters
 from zoft.zo.trajectory import TrajectoryWriter, trajectory_header
 
@@ -138,18 +145,29 @@ class ZoftTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         was_training = model.training
         model.eval()  # dropout off: both forwards must see the same function
-        estimator = spsa
-        if self.zo_distributed is not None:  # DistZO2: scalars only, so DDP's forward wrapper is bypassed
-            estimator = self.zo_distributed.spsa
+        cfg, dzo = self.zo_config, self.zo_distributed
+        if dzo is not None:  # DistZO2: scalars only, so DDP's forward wrapper is bypassed
             model = getattr(model, "module", model)
         try:
-            estimates = estimator(
-                self.zo_params,
-                lambda: self.compute_loss(model, inputs),
-                step=self.state.global_step,
-                eps=self.zo_config.eps,
-                n_directions=self.zo_config.n_directions,
-            )
+            if cfg.paired_forward:  # one forward of [x; x]: +eps on the first half, -eps on the second
+                rows, seq_len = self._model_batch_shape(inputs)
+                estimates = (dzo.paired_spsa if dzo is not None else paired_spsa)(
+                    self.zo_params,
+                    lambda: self.compute_paired_losses(model, inputs),
+                    batch_size=rows,
+                    seq_len=seq_len,
+                    step=self.state.global_step,
+                    eps=cfg.eps,
+                    n_directions=cfg.n_directions,
+                )
+            else:
+                estimates = (dzo.spsa if dzo is not None else spsa)(
+                    self.zo_params,
+                    lambda: self.compute_loss(model, inputs),
+                    step=self.state.global_step,
+                    eps=cfg.eps,
+                    n_directions=cfg.n_directions,
+                )
         finally:
             model.train(was_training)
         weight = 1.0 / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -254,6 +272,52 @@ class ZoftTrainer(Trainer):
         scores = verbalizer_scores(model, inputs)
         loss = verbalizer_loss(scores, inputs["cls_labels"])
         return (loss, {"scores": scores}) if return_outputs else loss
+
+    @staticmethod
+    def _model_batch_shape(inputs) -> tuple[int, int | None]:
+        """(rows, tokens per row) of the batch as the model sees it (verbalizer: one row per candidate)."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise ZoftError("method.paired_forward: the batch has no input_ids to double; set it to false")
+        return ids.shape[0], ids.shape[1] if ids.ndim > 1 else None
+
+    def compute_paired_losses(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L+, L-) from one forward of the doubled batch ``[x; x]`` inside
+        :func:`zoft.zo.paired.paired_perturbation`.
+
+        Each is the loss of its half computed as :meth:`compute_loss` computes it on ``x`` (verbalizer
+        cross-entropy, or the model's own causal-LM loss: the mean over the non-ignored shifted tokens of
+        that half), never one loss over all 2B rows. Labels are not doubled: the model is called without
+        them and each half's logits meet the undoubled labels.
+        """
+        rows, _ = self._model_batch_shape(inputs)
+        if "cls_labels" in inputs:
+            logits = model(**double_batch(verbalizer_forward_kwargs(inputs), rows)).logits
+            return tuple(
+                verbalizer_loss(verbalizer_scores_from_logits(half, inputs), inputs["cls_labels"])
+                for half in (logits[:rows], logits[rows:])
+            )
+        labels = inputs.get("labels")
+        if labels is None or labels.shape != inputs["input_ids"].shape or self.compute_loss_func is not None:
+            raise ZoftError(
+                "method.paired_forward: supported for causal-LM batches (labels shaped like input_ids, no custom "
+                "compute_loss_func) and verbalizer classification; set it to false"
+            )
+        logits = model(**double_batch({k: v for k, v in inputs.items() if k != "labels"}, rows)).logits
+        return tuple(self._causal_lm_loss(model, half, labels) for half in (logits[:rows], logits[rows:]))
+
+    def _causal_lm_loss(self, model, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # What HF's compute_loss gets from model(**inputs) with labels (no num_items_in_batch on the ZO path).
+        if self.label_smoother is not None:
+            return self.label_smoother({"logits": logits}, labels, shift_labels=True)
+        base = self.accelerator.unwrap_model(model)
+        base = base.get_base_model() if hasattr(base, "get_base_model") else base  # peft
+        loss_function = getattr(base, "loss_function", None)
+        if loss_function is None:
+            raise ZoftError(
+                f"method.paired_forward: {type(base).__name__} has no loss_function to score each half; set it to false"
+            )
+        return loss_function(logits=logits, labels=labels, vocab_size=base.config.vocab_size)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if "cls_labels" not in inputs:

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from zoft.errors import ZoftError
 from zoft.zo.estimate import DirectionEstimate
+from zoft.zo.paired import paired_perturbation
 from zoft.zo.perturb import ZOParameters
 
 
@@ -121,15 +122,50 @@ class DistZO:
                 with zo.perturbed(step, k, -eps):
                     minus = float(loss_fn())
                 mine = [plus, minus]
-            gathered = self._all_gather(mine).view(self.dp, -1).tolist()  # rows: dp index
-            pairs = [(row[0], row[1]) for row in gathered]
-            # Summed in rank order on every rank: identical floats everywhere.
-            grads = [(lp - lm) / (2.0 * eps) for lp, lm in pairs]
-            g = math.fsum(grads) / self.dp
-            lp = math.fsum(p for p, _ in pairs) / self.dp
-            lm = math.fsum(m for _, m in pairs) / self.dp
-            estimates.append(DirectionEstimate(k, g, lp, lm))
+            estimates.append(self._combine(k, mine, eps))
         return estimates
+
+    @torch.no_grad()
+    def paired_spsa(
+        self,
+        zo: ZOParameters,
+        pair_loss_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+        batch_size: int,
+        step: int,
+        eps: float,
+        n_directions: int = 1,
+        seq_len: int | None = None,
+    ) -> list[DirectionEstimate]:
+        """The distributed counterpart of :func:`zoft.zo.estimate.paired_spsa` (data parallelism only).
+
+        Each rank runs one forward of its doubled shard per direction and contributes (L+, L-) to the
+        same all-gather as :meth:`spsa`, so the estimates equal those of :meth:`spsa` with
+        ``perturbation_parallel`` 1.
+
+        Raises:
+            ValueError: with ``perturbation_parallel`` 2, whose ranks each run one sign already.
+        """
+        if self.pp != 1:
+            raise ValueError("paired_spsa needs perturbation_parallel 1: PertP runs +eps and -eps on two ranks")
+        if self.checksum_steps and step % self.checksum_steps == 0:
+            self.check_in_sync(zo, step)
+        estimates = []
+        for k in range(n_directions):
+            with paired_perturbation(zo, step, k, eps, batch_size, seq_len):
+                mine = [float(v) for v in pair_loss_fn()]
+            estimates.append(self._combine(k, mine, eps))
+        return estimates
+
+    def _combine(self, k: int, mine: list[float], eps: float) -> DirectionEstimate:
+        # One all-gather of this rank's loss(es) for direction k; every rank forms the same estimate.
+        gathered = self._all_gather(mine).view(self.dp, -1).tolist()  # rows: dp index
+        pairs = [(row[0], row[1]) for row in gathered]
+        # Summed in rank order on every rank: identical floats everywhere.
+        grads = [(lp - lm) / (2.0 * eps) for lp, lm in pairs]
+        g = math.fsum(grads) / self.dp
+        lp = math.fsum(p for p, _ in pairs) / self.dp
+        lm = math.fsum(m for _, m in pairs) / self.dp
+        return DirectionEstimate(k, g, lp, lm)
 
     @torch.no_grad()
     def checksum(self, zo: ZOParameters) -> float:

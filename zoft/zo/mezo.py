@@ -33,6 +33,7 @@ class MeZOConfig:
     z_generator: str = "auto"  # torch | philox | auto (philox when computing on CUDA); zoft.zo.perturb
     seed: int | None = None  # default: TrainingArguments.seed
     clip_projected_grad: float | None = None  # QZO: bound on |projected gradient| (zoft.zo.qzo)
+    paired_forward: bool = False  # both perturbed forwards in one forward of a doubled batch (zoft.zo.paired)
 
 
 class MeZOOptimizer(torch.optim.Optimizer):

@@ -7,6 +7,8 @@ embeddings, the final norm and the head stay resident. Because a ZO step has no 
 block is needed only during its forward, so GPU weight memory drops from the whole model to about
 two blocks. The ZO update of step t is deferred (:class:`DeferredMeZOOptimizer`) and applied to
 each block while it is resident for step t+1's first forward, so updating costs no extra transfer.
+With the paired forward (:mod:`zoft.zo.paired`) both perturbed forwards run during one residency, so
+each block is uploaded once per step.
 
 The hooks are generic: blocks are found as the largest ``nn.ModuleList`` of identical modules
 (``model.model.layers``, ``transformer.h``, ``model.decoder.layers``, ...), with no per-model copy

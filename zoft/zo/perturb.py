@@ -11,7 +11,8 @@ post-hook swaps the stored tensor back. The stored values are never modified by 
 so "perturb +eps, -2eps, +eps" round-off drift (which collapses bf16 MeZO runs) cannot happen,
 restore is bit-exact in every dtype, and memory stays at inference level plus one module's
 temporary. z is generated once per module per forward and once more for the update: 3 passes of
-sampling per step instead of MeZO's 4.
+sampling per step instead of MeZO's 4 (2 with the paired forward of :mod:`zoft.zo.paired`, which
+runs both perturbed forwards in one forward of a doubled batch).
 
 Two z generators: ``"torch"`` samples z with a ``torch.Generator`` (fast on CPU, but its numbers differ
 between CPU and CUDA), ``"philox"`` uses the Philox stream of ``zoft.kernels.zo_reference`` through
@@ -269,6 +270,22 @@ class ZOParameters:
             and target.device == p.device
             and name not in self._constrained
         )
+
+    def perturbed_pair(self, name: str, step: int, direction: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(theta + eps z, theta - eps z)`` from one sample of z, for the paired forward
+        (:mod:`zoft.zo.paired`); each equals :meth:`perturbed_value` with ``+eps`` / ``-eps`` bit for bit."""
+        p = self.params[name]
+        value = self.value(name)
+        if self.z_generator == "philox" and _kernel_ready(value) and p.dtype in _KERNEL_DTYPES:
+            # Two kernel passes with z in registers (CUDA) beat one materialized z there, and round
+            # exactly like perturbed_value.
+            return self.perturbed_value(name, step, direction, +eps), self.perturbed_value(name, step, direction, -eps)
+        z = self.z(name, step, direction)
+        if value.dtype == torch.float64:
+            z = z.to(torch.float64)
+        plus = torch.mul(z, eps).add_(value)
+        minus = z.mul_(-eps).add_(value)  # z * (-eps) is -(z * eps) exactly: the same rounding as perturbed_value
+        return tuple(t.to(p.dtype) if t.dtype != p.dtype else t for t in (plus, minus))
 
     # -- the perturbed forward ----------------------------------------------------------------
 
