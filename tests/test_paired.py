@@ -65,6 +65,18 @@ def paired(zo, model, batch, step, n_directions=1):
                        n_directions=n_directions, seq_len=ids.shape[1])
 
 
+def test_paired_estimate_with_philox_z_equals_the_two_forward_philox_estimate():
+    # With the device-independent Philox z (zoft/kernels) the pair is two perturbed copies from the kernels'
+    # backend, rounded exactly like the two-forward path.
+    model = tiny("llama")
+    zo = ZOParameters(model, run_seed=3, z_generator="philox")
+    batch = causal_lm_batch()
+    ref = spsa(zo, lambda: model(**batch).loss, step=2, eps=EPS, n_directions=2)
+    assert paired(zo, model, batch, step=2, n_directions=2) == ref
+    torch_zo = ZOParameters(model, run_seed=3, z_generator="torch")
+    assert spsa(torch_zo, lambda: model(**batch).loss, step=2, eps=EPS)[0] != ref[0]  # another z
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "lora"])
 def test_paired_estimate_equals_the_two_forward_estimate_bit_for_bit(arch):
     model = build(arch)

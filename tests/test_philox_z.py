@@ -275,7 +275,8 @@ def test_replay_uses_the_recorded_generator_and_old_logs_mean_torch(tiny_llama_d
 
 
 def test_recipe_offload_with_philox_trains_exactly_like_the_in_memory_recipe(tiny_llama_dir, sentiment_csv, tmp_path):
-    method = {"z_generator": "philox"}
+    # Two forwards per step (the paired forward, offload's default, does not fuse: see the next test).
+    method = {"z_generator": "philox", "paired_forward": False}
     plain = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method=method,
                                train={"save_strategy": "no"}))
     off = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method=method,
@@ -284,6 +285,20 @@ def test_recipe_offload_with_philox_trains_exactly_like_the_in_memory_recipe(tin
     assert isinstance(opt, DeferredMeZOOptimizer) and opt.fuse and opt.zo.z_generator == "philox"
     assert opt.applied_in_forward == 3 * len(opt.zo.params)  # steps 1-3 fused into their first forward
     assert off.zo_params.weight_passes < plain.zo_params.weight_passes
+    ta = read_trajectory(tmp_path / "plain" / "trajectory.jsonl")[1]
+    assert ta == read_trajectory(tmp_path / "off" / "trajectory.jsonl")[1]
+    for (n, a), b in zip(plain.model.state_dict().items(), off.model.state_dict().values()):
+        assert torch.equal(a, b), n
+
+
+def test_recipe_offload_paired_with_philox_trains_exactly_like_the_in_memory_paired_recipe(
+    tiny_llama_dir, sentiment_csv, tmp_path
+):
+    plain = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain",
+                               method={"z_generator": "philox", "paired_forward": True}, train={"save_strategy": "no"}))
+    off = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method={"z_generator": "philox"},
+                             offload={"device": "cpu"}, train={"save_strategy": "no"}))
+    assert off.zo_params.z_generator == "philox"
     ta = read_trajectory(tmp_path / "plain" / "trajectory.jsonl")[1]
     assert ta == read_trajectory(tmp_path / "off" / "trajectory.jsonl")[1]
     for (n, a), b in zip(plain.model.state_dict().items(), off.model.state_dict().values()):
