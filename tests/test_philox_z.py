@@ -340,3 +340,12 @@ def test_gpu_offload_philox_fused_matches_the_cpu_reference_and_replays_on_cpu(d
     replay_updates(ZOParameters(rebuilt, 3, distribution=distribution, z_generator="philox"), header, log)
     for name, a in rebuilt.state_dict().items():
         torch.testing.assert_close(a, gpu_state[name], rtol=0, atol=1e-6)
+
+
+def test_torch_z_with_cpu_masters_of_blocks_computing_on_cuda_is_refused_in_one_line():
+    # Constructed without a GPU: only the compute device named, the masters are where the model is (CPU).
+    model = tiny("llama").to(torch.bfloat16)
+    with pytest.raises(ZoftError, match=r"^method.z_generator: torch with offload to CUDA and fp32 master weights"):
+        ZOParameters(model, run_seed=1, z_generator="torch", compute_device="cuda")
+    assert ZOParameters(model, run_seed=1, z_generator="auto", compute_device="cuda").z_generator == "philox"
+    assert ZOParameters(tiny("llama"), run_seed=1, z_generator="torch", compute_device="cuda").masters == {}

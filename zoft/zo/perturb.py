@@ -165,6 +165,15 @@ class ZOParameters:
         )
         self.z_generator_requested = z_generator
         self.z_generator = resolve_z_generator(z_generator, on_cuda)
+        offloaded_to_cuda = compute_device is not None and torch.device(compute_device).type == "cuda"
+        if self.z_generator == "torch" and offloaded_to_cuda and any(m.device.type != "cuda" for m in self.masters.values()):
+            # The fp32 masters stay in CPU memory while the blocks compute on the GPU: the update would draw z
+            # on the CPU and the perturbation on the GPU, and torch.Generator's numbers differ between them.
+            raise ZoftError(
+                "method.z_generator: torch with offload to CUDA and fp32 master weights would draw z on two devices "
+                "(torch.Generator's numbers differ between the CPU masters and the GPU blocks); use method.z_generator "
+                "philox (what auto picks) or model.dtype float32"
+            )
         self.z_generations = 0  # how many parameter tensors' z were sampled (cost accounting)
         self.weight_passes = 0
         self.pending_update: Callable[[str], tuple[int, list[tuple[int, float]], float, float] | None] | None = None
