@@ -5,6 +5,8 @@ Each configuration runs in a fresh process (torchrun for 2 ranks) on the package
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process high-water mark
 (VmHWM, reset after loading), per rank. On a CPU-only machine "offload" copies blocks CPU->CPU:
 it measures the code path's overhead only; the upload/compute overlap and the GPU saving need CUDA.
+"paired" rows run the +eps and -eps forwards as one forward of the doubled batch (zoft/zo/paired.py,
+the default with offload): each block is uploaded once per step instead of twice.
 
     PYTHONPATH=$PWD python scripts/bench_zo2.py [--steps 3] [--batch 8] [--seq 64]
 """
@@ -44,9 +46,10 @@ def worker(args) -> None:
 
     from zoft import assets
     from zoft.zo.distributed import DistZO, DistZOConfig
-    from zoft.zo.estimate import spsa
+    from zoft.zo.estimate import paired_spsa, spsa
     from zoft.zo.mezo import MeZOOptimizer
     from zoft.zo.offload import BlockOffloader, DeferredMeZOOptimizer
+    from zoft.zo.paired import double_batch
     from zoft.zo.perturb import ZOParameters
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
@@ -59,7 +62,8 @@ def worker(args) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     model = AutoModelForCausalLM.from_pretrained(assets.model_asset_path("smollm2-135m")).eval()
     offloader = None
-    if args.config == "offload":
+    offload, paired = "offload" in args.config, "paired" in args.config
+    if offload:
         offloader = BlockOffloader(model, device, "cpu")
     else:
         model.to(device)
@@ -81,14 +85,28 @@ def worker(args) -> None:
     else:
         _hwm_reset()
     estimator = dzo.spsa if dzo else spsa
+
+    def pair_losses():
+        logits = model(**double_batch({"input_ids": ids}, ids.shape[0])).logits
+        n = ids.shape[0]
+        return tuple(model.loss_function(logits=half, labels=ids, vocab_size=model.config.vocab_size)
+                     for half in (logits[:n], logits[n:]))
+
+    uploads_before = 0
     for step in range(args.steps + 1):
         if step == 1:  # the first step warms up allocators and caches
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        for e in estimator(zo, lambda: model(input_ids=ids, labels=ids).loss, step=step, eps=1e-3):
+            uploads_before = offloader.uploads if offloader is not None else 0
+        if paired:
+            estimates = paired_spsa(zo, pair_losses, ids.shape[0], step=step, eps=1e-3, seq_len=ids.shape[1])
+        else:
+            estimates = estimator(zo, lambda: model(input_ids=ids, labels=ids).loss, step=step, eps=1e-3)
+        for e in estimates:
             opt.record(step, e)
         opt.step()
+    uploads = offloader.uploads - uploads_before if offloader is not None else 0  # before the final flush's
     opt.flush()
     if cuda:
         torch.cuda.synchronize()
@@ -97,7 +115,7 @@ def worker(args) -> None:
     rank = dist.get_rank() if distributed else 0
     result = {"rank": rank, "seconds": elapsed, "peak": peak, "tokens_per_s": args.steps * args.batch * args.seq / elapsed}
     if offloader is not None:
-        result["uploads"] = offloader.uploads
+        result["uploads_per_step"] = uploads / args.steps
     with open(f"{args.out}.{rank}.json", "w") as fh:
         json.dump(result, fh)
     if distributed:
@@ -109,7 +127,7 @@ def worker(args) -> None:
 
 def run_config(name, args, nproc=1, pp=1):
     out = f"/tmp/bench_zo2_{os.getpid()}_{name.replace(' ', '_')}"
-    base = [__file__, "--worker", "--config", "offload" if "offload" in name else "plain", "--pp", str(pp),
+    base = [__file__, "--worker", "--config", name, "--pp", str(pp),
             "--out", out, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -141,18 +159,22 @@ def main() -> None:
     print(f"command: {' '.join(sys.argv)}\ndevice: {device}; torch {torch.__version__}; "
           f"SmolLM2-135M fp32, global batch {args.batch} x {args.seq} tokens, {args.steps} timed MeZO steps\n")
     rows = [("MeZO in memory", run_config("plain", args))]
-    rows.append(("ZO2 offload", run_config("offload", args)))
+    rows.append(("MeZO in memory, paired forward", run_config("plain-paired", args)))
+    rows.append(("ZO2 offload, two forwards", run_config("offload", args)))
+    rows.append(("ZO2 offload, paired forward (default)", run_config("offload-paired", args)))
     if not args.skip_ranks:
         rows.append(("DistZO2 PertP, 2 ranks", run_config("pertp", args, nproc=2, pp=2)))
         rows.append(("DistZO2 DP, 2 ranks", run_config("dp", args, nproc=2, pp=1)))
     base = rows[0][1][0]
     mem = "GPU peak allocated" if cuda else "peak RSS per rank"
-    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory |")
-    print("|---|---:|---:|---:|---:|")
+    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory | block uploads / step |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, results in rows:
         tps = results[0]["tokens_per_s"]
         peak = max(r["peak"] for r in results)
-        print(f"| {name} | {tps:.0f} | {tps / base['tokens_per_s']:.2f} | {peak / 2**20:.0f} | {peak / base['peak']:.2f} |")
+        uploads = results[0].get("uploads_per_step")
+        print(f"| {name} | {tps:.0f} | {tps / base['tokens_per_s']:.2f} | {peak / 2**20:.0f} | {peak / base['peak']:.2f} | "
+              f"{'-' if uploads is None else f'{uploads:.0f}'} |")
     if not cuda:
         print("\nCPU only: offload copies blocks CPU->CPU, so its row is the code path's overhead; the "
               "upload/compute overlap and the GPU memory saving cannot be measured here. The 2-rank rows "
