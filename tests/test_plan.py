@@ -40,6 +40,11 @@ def test_offload_moves_block_weights_to_cpu_and_adamw_adds_gradients_and_state()
     assert adam.gpu["activations"] > plain.gpu["activations"]  # stored for backward vs one block's worth
     bf16 = estimate(shape, method="mezo", offload=True, dtype="bfloat16", **common)
     assert bf16.cpu["fp32 masters"] == 4 * n and bf16.cpu["weights (offloaded blocks)"] == 2 * blocks
+    # offload.storage_dtype: blocks stored in bf16, computed in fp32 (no masters), staged in bf16 on upload.
+    stored = estimate(shape, method="mezo", offload=True, storage_dtype="bfloat16", **common)
+    assert stored.label == "mezo full + offload (bfloat16 storage)"
+    assert stored.cpu["weights (offloaded blocks)"] == 2 * blocks and "fp32 masters" not in stored.cpu
+    assert stored.gpu["weights"] == off.gpu["weights"] and stored.gpu["upload staging"] == 2 * one
 
 
 def test_offload_plans_the_paired_forward_by_default_with_the_activations_of_a_doubled_batch():
@@ -85,3 +90,6 @@ def test_cli_plan_prints_the_table(tiny_llama_dir, sentiment_csv, tmp_path, caps
     out = capsys.readouterr().out
     assert out.startswith("zoft plan: mezo full + offload")
     assert "| mezo + LoRA |" in out and "| adamw full |" in out
+    assert "| mezo full + offload (bfloat16 storage) |" in out
+    assert main(["plan", str(path), "offload.storage_dtype=bfloat16"]) == 0
+    assert capsys.readouterr().out.startswith("zoft plan: mezo full + offload (bfloat16 storage)")

@@ -544,6 +544,23 @@ class OffloadSection(Section):
     )
     prefetch: bool = Field(True, description="Upload block i+1 on a side CUDA stream while block i computes.")
     pin_memory: bool | None = Field(None, description="Pin stored blocks for asynchronous uploads; default: on CUDA.")
+    storage_dtype: Literal["bfloat16", "float16"] | None = Field(
+        None,
+        description="Store the blocks' weights in this 16-bit dtype in CPU memory (half the memory and upload "
+        "bytes of float32) and compute in model.dtype (float32) on the device, as ZO2's AMP mode; null: store "
+        "them in model.dtype. Updated weights are rounded back as offload.rounding says.",
+    )
+    rounding: Literal["stochastic", "nearest"] | None = Field(
+        None,
+        description="With storage_dtype: how updated weights are rounded to it (default stochastic). stochastic "
+        "(seeded by run seed, step and parameter name, so runs resume and replay exactly) keeps ZO updates of "
+        "~1e-6 in expectation; nearest loses every update below half a bfloat16 spacing.",
+    )
+
+    @property
+    def resolved_rounding(self) -> str:
+        """offload.rounding, or its default (stochastic)."""
+        return self.rounding or "stochastic"
 
     @model_validator(mode="before")
     @classmethod
@@ -637,6 +654,9 @@ class Recipe(Section):
                     f"{key}: needs a zeroth-order method (method.name: mezo), not '{self.method.name}'; "
                     f"drop the {key} section for first-order training"
                 )
+        offload_problem = _offload_combination_problem(self)
+        if offload_problem:
+            raise ValueError(offload_problem)
         deepspeed_problem = _deepspeed_combination_problem(self)
         if deepspeed_problem:
             raise ValueError(deepspeed_problem)
@@ -673,6 +693,31 @@ def _paired_forward_problem(recipe: Recipe) -> str | None:
         return (
             f"method.paired_forward: true needs model.task 'causal_lm' (the loss of each half of a "
             f"'{recipe.model.task}' batch is not split); drop it"
+        )
+    return None
+
+
+def _offload_combination_problem(recipe: Recipe) -> str | None:
+    """One line naming the keys when the offload section's precision settings do not fit the recipe."""
+    o = recipe.offload
+    if o is None:
+        return None
+    if o.storage_dtype is None:
+        if o.rounding is not None:
+            return "offload.rounding: only used with offload.storage_dtype (blocks are stored in model.dtype)"
+        return None
+    if recipe.model.dtype != "float32":
+        # Storage must be strictly narrower than the compute dtype: bf16 <-> fp16 is no narrowing (each has
+        # values the other lacks), the same dtype is today's storage, and 'auto' is unknown until loading.
+        return (
+            f"offload.storage_dtype {o.storage_dtype} needs model.dtype float32 (the dtype blocks compute in), "
+            f"not '{recipe.model.dtype}'; set model.dtype: float32, or drop offload.storage_dtype to store the "
+            f"blocks in {recipe.model.dtype}"
+        )
+    if recipe.method.master_weights == "fp32":
+        return (
+            "method.master_weights fp32 with offload.storage_dtype: an fp32 copy of every trained weight undoes "
+            "the storage saving (updates are computed in fp32 on the device and rounded); use master_weights auto"
         )
     return None
 

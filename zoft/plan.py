@@ -132,6 +132,7 @@ def estimate(
     seq: int,
     dtype: str = "float32",
     paired: bool | None = None,
+    storage_dtype: str | None = None,
 ) -> Estimate:
     """Peak GPU and CPU memory of one setting.
 
@@ -141,20 +142,25 @@ def estimate(
         lora: train LoRA adapters only.
         offload: ZO2 (blocks in CPU memory; two blocks resident: the computing and the prefetched one).
         batch, seq: per-device batch size and tokens per example.
-        dtype: storage dtype of the weights.
+        dtype: dtype of the weights (what the model loads and computes in).
         paired: ZO with the paired forward (``method.paired_forward``): one forward of a doubled batch;
             ``None``: with offload, as ``paired_forward: auto``.
+        storage_dtype: with ``offload``, the dtype the offloaded blocks are stored in (``offload.storage_dtype``);
+            ``None``: ``dtype``. Resident blocks compute in ``dtype``.
     """
     b = DTYPE_BYTES[dtype]
     zo = method == "mezo"
     trained = shape.lora_params if lora else shape.total_params
-    label = f"{method}{' + LoRA' if lora else ' full'}{' + offload' if offload else ''}"
+    stored = f" ({storage_dtype} storage)" if offload and storage_dtype else ""
+    label = f"{method}{' + LoRA' if lora else ' full'}{' + offload' if offload else ''}{stored}"
     est = Estimate(label)
     weights = shape.total_params * b
     if offload:
         resident = (shape.total_params - shape.block_params + 2 * shape.largest_block_params) * b
         est.gpu["weights"] = resident
-        est.cpu["weights (offloaded blocks)"] = shape.block_params * b
+        est.cpu["weights (offloaded blocks)"] = shape.block_params * DTYPE_BYTES[storage_dtype or dtype]
+        if storage_dtype:  # a block arrives in its storage dtype and is cast to the compute dtype on the GPU
+            est.gpu["upload staging"] = shape.largest_block_params * DTYPE_BYTES[storage_dtype]
     else:
         est.gpu["weights"] = weights
     if b != 4:
@@ -245,7 +251,10 @@ def render(
         better = [e for e in alternatives if fits(e, gpu_free, cpu_free, cuda=cuda)]
         offloaded = [e for e in better if "offload" in e.label and e.label.startswith("mezo")]
         if offloaded and "offload" not in chosen.label:
-            lines.append(f"recommendation: {offloaded[0].label} fits: add `offload: cpu` to the recipe (method.name: mezo)")
+            key = "{device: cpu, storage_dtype: bfloat16}" if "storage" in offloaded[0].label else "cpu"
+            lines.append(
+                f"recommendation: {offloaded[0].label} fits: add `offload: {key}` to the recipe (method.name: mezo)"
+            )
         elif better:
             lines.append(f"recommendation: {better[0].label} fits")
         else:
@@ -284,9 +293,15 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
     gpu_free = measured_gpu if gpu_free is None else gpu_free
     cpu_free = measured_cpu if cpu_free is None else cpu_free
     common = dict(batch=recipe.train.per_device_train_batch_size, seq=recipe.data.max_length, dtype=m.dtype)
+    storage = recipe.offload.storage_dtype if recipe.offload is not None else None
     chosen = estimate(
-        shape, method=recipe.method.name, lora=lora_cfg is not None, offload=recipe.offload is not None,
-        paired=recipe.uses_paired_forward, **common
+        shape,
+        method=recipe.method.name,
+        lora=lora_cfg is not None,
+        offload=recipe.offload is not None,
+        paired=recipe.uses_paired_forward,
+        storage_dtype=storage,
+        **common,
     )
     fo = recipe.method.name if not recipe.method.is_zeroth_order else "adamw"
     alternatives = [
@@ -297,4 +312,7 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
         estimate(shape, method=fo, lora=False, offload=False, **common),
         estimate(shape, method=fo, lora=True, offload=False, **common),
     ]
+    if m.dtype == "float32":  # offload.storage_dtype needs a float32 model
+        bf16_storage = estimate(shape, method="mezo", lora=False, offload=True, storage_dtype="bfloat16", **common)
+        alternatives.insert(2, bf16_storage)
     return render(chosen, alternatives, device=device, gpu_free=gpu_free, cpu_free=cpu_free, cuda=cuda)

@@ -166,11 +166,16 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
         data = build_datasets(recipe.data, tokenizer, recipe.model.task)
     zo = None
     if recipe.method.is_zeroth_order:
+        master_weights = recipe.method.master_weights
+        if recipe.offload is not None and recipe.offload.storage_dtype is not None:
+            # Blocks stored in bf16/fp16 compute and update in float32 (validated) on their resident copy:
+            # "auto" would see the 16-bit stored tensors and allocate fp32 masters of the whole model.
+            master_weights = "none"
         zo = MeZOConfig(
             eps=recipe.method.eps,
             n_directions=recipe.method.n_directions,
             distribution=recipe.method.distribution,
-            master_weights=recipe.method.master_weights,
+            master_weights=master_weights,
             z_generator=recipe.method.z_generator,
             clip_projected_grad=recipe.method.projected_grad_clip,
             paired_forward=recipe.uses_paired_forward,
@@ -186,7 +191,15 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
 
         o = recipe.offload
         offloader = attach_offload(
-            model, OffloadConfig(o.device, o.compute_device, prefetch=o.prefetch, pin_memory=o.pin_memory)
+            model,
+            OffloadConfig(
+                o.device,
+                o.compute_device,
+                prefetch=o.prefetch,
+                pin_memory=o.pin_memory,
+                storage_dtype=o.storage_dtype,
+                rounding=o.resolved_rounding,
+            ),
         )
     distributed = None
     if recipe.distributed is not None:  # DistZO2; args.device sets up the process group under torchrun
@@ -456,7 +469,7 @@ def _summary(m: dict) -> str:
 def replay(run_dir: str, out_dir: str) -> int:
     """Rebuild a ZO run's final weights from its base model and trajectory; save them to ``out_dir``."""
     from zoft.zo.perturb import ZOParameters
-    from zoft.zo.trajectory import read_trajectory, recorded_z_generator, replay_updates
+    from zoft.zo.trajectory import read_trajectory, recorded_z_generator, replay_updates, storage_rounding
 
     run = Path(run_dir)
     if not (run / RECIPE_FILE).is_file():
@@ -467,6 +480,11 @@ def replay(run_dir: str, out_dir: str) -> int:
     recipe = load_recipe(run / RECIPE_FILE)
     header, records = read_trajectory(run / TRAJECTORY_FILE)
     model, tokenizer = build_model_and_tokenizer(recipe)
+    storage = storage_rounding(header)
+    if storage is not None:  # ZO2 with bf16/fp16 storage: start from the blocks as the run stored them
+        from zoft.zo.offload import round_blocks_to_storage_
+
+        round_blocks_to_storage_(model, storage[0])
     zo = ZOParameters(
         model,
         header["run_seed"],

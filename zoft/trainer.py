@@ -368,7 +368,8 @@ class ZoftTrainer(Trainer):
             self.create_optimizer()
             cfg = self.zo_config
             header = trajectory_header(
-                self.zo_params, method="mezo", eps=cfg.eps, n_directions=cfg.n_directions
+                self.zo_params, method="mezo", eps=cfg.eps, n_directions=cfg.n_directions,
+                **(self.offloader.trajectory_info(self.zo_params) if self.offloader is not None else {}),
             )
             self._trajectory = TrajectoryWriter(self.trajectory_path, header, resume_step=resume_step)
         try:

@@ -9,6 +9,9 @@ two blocks. The ZO update of step t is deferred (:class:`DeferredMeZOOptimizer`)
 each block while it is resident for step t+1's first forward, so updating costs no extra transfer.
 With the paired forward (:mod:`zoft.zo.paired`) both perturbed forwards run during one residency, so
 each block is uploaded once per step.
+Optionally blocks are stored in bf16/fp16 and computed in the model's dtype (ZO2's AMP mode, with
+seeded stochastic rounding: :mod:`zoft.zo.lowprec`), and under DistZO2 each rank uploads a slice of
+each block and the ranks all-gather the rest (DistZO2's sliced uploads).
 
 The hooks are generic: blocks are found as the largest ``nn.ModuleList`` of identical modules
 (``model.model.layers``, ``transformer.h``, ``model.decoder.layers``, ...), with no per-model copy
@@ -19,13 +22,14 @@ of the forward code. On a CPU-only machine "offloading to the same device" runs 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from zoft.errors import ZoftError
+from zoft.zo.lowprec import ROUNDINGS, STORAGE_DTYPES, round_updated_
 from zoft.zo.mezo import MeZOOptimizer
 from zoft.zo.perturb import ZOParameters
 
@@ -42,6 +46,11 @@ class OffloadConfig:
         pin_memory: pin the stored blocks (needed for truly asynchronous uploads); ``None``: when
             the compute device is CUDA.
         deferred_update: apply step t's update while each block is resident for step t+1.
+        storage_dtype: ``"bfloat16"`` / ``"float16"``: store block parameters in that dtype and compute
+            in their own (ZO2's AMP mode); ``None``: store them as they are.
+        rounding: ``"stochastic"`` or ``"nearest"``: how updated parameters are rounded to ``storage_dtype``.
+        sliced_upload: ``"auto"``, ``True`` or ``False``: each rank uploads a slice of each block and the
+            ranks all-gather the rest; auto: when ``torch.distributed`` runs more than one process.
     """
 
     device: str = "cpu"
@@ -49,6 +58,9 @@ class OffloadConfig:
     prefetch: bool = True
     pin_memory: bool | None = None
     deferred_update: bool = True
+    storage_dtype: str | None = None
+    rounding: str = "stochastic"
+    sliced_upload: bool | str = "auto"
 
 
 def find_transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -93,12 +105,26 @@ class BlockOffloader:
     stream; a forward hook sends block i back. Stored values are written back only when they were
     changed while resident (:meth:`mark_dirty`), so a block that was only read costs one upload.
 
+    Low-precision storage (``storage_dtype``, ZO2's AMP mode): the blocks' floating-point parameters
+    are stored in bf16/fp16 (rounded to nearest once, here) and cast back to their own dtype on the
+    compute device after each upload, so forwards, perturbations and updates run in the model's
+    dtype on the resident copy. :meth:`round_updated` rounds updated values to the storage dtype on
+    the resident copy (seeded, :mod:`zoft.zo.lowprec`), so the forwards that follow and the stored
+    copy see the same values and the write-back is exact. Buffers (rotary tables, masks) keep their
+    dtype: they are small and some lose their meaning in 16 bits.
+
     Args:
         model: the model; its blocks are found by :func:`find_transformer_blocks`.
         compute_device: where blocks run; the rest of the model is moved there.
         storage_device: where blocks live between forwards.
         prefetch: overlap the upload of the next block with the current block's compute.
         pin_memory: pin stored tensors (``None``: when computing on CUDA).
+        storage_dtype: ``torch.bfloat16`` / ``torch.float16`` to store block parameters in (those
+            wider than it); ``None``: store them in their own dtype.
+        rounding: ``"stochastic"`` (default) or ``"nearest"``, used by :meth:`round_updated`.
+
+    Raises:
+        ZoftError: no block list; float16 storage of weights beyond float16's range.
     """
 
     def __init__(
@@ -109,11 +135,19 @@ class BlockOffloader:
         *,
         prefetch: bool = True,
         pin_memory: bool | None = None,
+        storage_dtype: torch.dtype | None = None,
+        rounding: str = "stochastic",
     ) -> None:
+        if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES.values():
+            raise ValueError(f"storage_dtype must be torch.bfloat16 or torch.float16, got {storage_dtype}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}; expected one of {ROUNDINGS}")
         self.model = model
         self.device = torch.device(compute_device)
         self.storage_device = torch.device(storage_device)
         self.prefetch = prefetch
+        self.storage_dtype = storage_dtype
+        self.rounding = rounding
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         if pin and not torch.cuda.is_available():
             pin = False  # pinning needs a CUDA driver; without one the copies are synchronous anyway
@@ -121,15 +155,17 @@ class BlockOffloader:
         self.blocks_name, block_list = find_transformer_blocks(model)
         self.blocks: list[nn.Module] = list(block_list)
         self._side_stream = _cuda_stream(self.device)
-        # Per block: [(owner module, "_parameters" | "_buffers", attr, stored tensor)].
-        self._stored: list[list[tuple[nn.Module, str, str, torch.Tensor]]] = []
+        # Per block: [(owner module, "_parameters" | "_buffers", attr, stored tensor, compute dtype)].
+        self._stored: list[list[tuple[nn.Module, str, str, torch.Tensor, torch.dtype]]] = []
         self._resident: dict[int, list[torch.Tensor]] = {}
         self._ready_event: dict[int, object] = {}
         self._writeback_event: dict[int, object] = {}
         self._active: set[int] = set()
         self._dirty: set[int] = set()
         self.block_of_param: dict[int, int] = {}
+        self._low: set[int] = set()  # ids of parameters stored in storage_dtype
         self.uploads = 0  # block uploads (cost accounting for tests and benchmarks)
+        self.uploaded_bytes = 0  # bytes this process copied from storage to the compute device
         self.writebacks = 0
         self._place(model)
         self._handles = []
@@ -138,6 +174,15 @@ class BlockOffloader:
             self._handles.append(block.register_forward_hook(lambda m, a, o, i=i: self._after_block(i)))
 
     # -- placement --------------------------------------------------------------------------------
+
+    def _lowered(self, kind: str, t: torch.Tensor) -> bool:
+        """Whether this block tensor is stored in ``storage_dtype``: floating parameters wider than it."""
+        return (
+            self.storage_dtype is not None
+            and kind == "_parameters"
+            and t.is_floating_point()
+            and t.element_size() > torch.empty((), dtype=self.storage_dtype).element_size()
+        )
 
     def _place(self, model: nn.Module) -> None:
         in_blocks = {id(m) for block in self.blocks for m in block.modules()}
@@ -149,13 +194,23 @@ class BlockOffloader:
                         if t is None:
                             continue
                         data = t.data if kind == "_parameters" else t
-                        stored = data.to(self.storage_device)
+                        low = self._lowered(kind, data)
+                        dtype = self.storage_dtype if low else data.dtype
+                        stored = data.to(device=self.storage_device, dtype=dtype).contiguous()
+                        if low and dtype == torch.float16 and not bool(torch.isfinite(stored).all()):
+                            if bool(torch.isfinite(data).all()):
+                                raise ZoftError(
+                                    f"offload.storage_dtype: float16 cannot hold block {i}'s weights (largest "
+                                    f"|value| {data.abs().max().item():.4g}, float16's largest is 65504); use bfloat16"
+                                )
                         if self.pin_memory and not stored.is_pinned():
                             stored = stored.pin_memory()
                         self._set(module, kind, attr, stored)
-                        entries.append((module, kind, attr, stored))
+                        entries.append((module, kind, attr, stored, data.dtype))
                         if kind == "_parameters":
                             self.block_of_param[id(t)] = i
+                            if low:
+                                self._low.add(id(t))
             self._stored.append(entries)
         for module in model.modules():
             if id(module) in in_blocks:
@@ -178,18 +233,32 @@ class BlockOffloader:
         else:
             module._buffers[attr] = tensor
 
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes the stored blocks occupy in storage memory."""
+        return sum(e[3].nbytes for entries in self._stored for e in entries)
+
     # -- streaming ----------------------------------------------------------------------------------
+
+    def _copy_block(self, i: int) -> list[torch.Tensor]:
+        """Block i's stored tensors, copied as they are (storage dtype) to the compute device."""
+        # A real copy even to the same device: the CPU tests then exercise the write-back logic.
+        staged = [
+            torch.empty(e[3].shape, dtype=e[3].dtype, device=self.device).copy_(e[3], non_blocking=True)
+            for e in self._stored[i]
+        ]
+        self.uploaded_bytes += sum(t.nbytes for t in staged)
+        return staged
 
     def _upload(self, i: int, stream) -> None:
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             if stream is not None and i in self._writeback_event:
                 stream.wait_event(self._writeback_event.pop(i))  # its stored copy is still being written
-            # A real copy even to the same device: the CPU tests then exercise the write-back logic.
-            copies = [
-                torch.empty(t.shape, dtype=t.dtype, device=self.device).copy_(t, non_blocking=True)
-                for _, _, _, t in self._stored[i]
-            ]
+            staged = self._copy_block(i)
+            # Cast after the transfer, on the compute device: a cross-device copy_ that also changes the
+            # dtype converts on the host and would move the wide dtype's bytes.
+            copies = [t if t.dtype == e[4] else t.to(e[4]) for t, e in zip(staged, self._stored[i])]
             if stream is not None:
                 event = torch.cuda.Event()
                 event.record(stream)
@@ -206,22 +275,25 @@ class BlockOffloader:
             current.wait_event(event)
             for t in self._resident[i]:
                 t.record_stream(current)  # allocated on the side stream, used on this one
-        for (module, kind, attr, _), t in zip(self._stored[i], self._resident[i]):
+        for (module, kind, attr, _, _), t in zip(self._stored[i], self._resident[i]):
             self._set(module, kind, attr, t)
         self._active.add(i)
 
     def _deactivate(self, i: int) -> None:
         if i in self._dirty:
-            for module, kind, attr, stored in self._stored[i]:
+            for module, kind, attr, stored, _ in self._stored[i]:
                 if kind == "_parameters":
-                    stored.copy_(module._parameters[attr].data, non_blocking=True)
+                    value = module._parameters[attr].data
+                    # Narrowed on the compute device, for the same reason as in _upload. After
+                    # round_updated the values are representable, so this cast is exact.
+                    stored.copy_(value if value.dtype == stored.dtype else value.to(stored.dtype), non_blocking=True)
             if self.device.type == "cuda":
                 event = torch.cuda.Event()
                 event.record(torch.cuda.current_stream(self.device))
                 self._writeback_event[i] = event
             self._dirty.discard(i)
             self.writebacks += 1
-        for module, kind, attr, stored in self._stored[i]:
+        for module, kind, attr, stored, _ in self._stored[i]:
             self._set(module, kind, attr, stored)
         del self._resident[i]
         self._active.discard(i)
@@ -243,14 +315,47 @@ class BlockOffloader:
         """The index of the block holding ``param``, or ``None`` for a resident parameter."""
         return self.block_of_param.get(id(param))
 
+    def stores_low_precision(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is stored in ``storage_dtype`` (and computed in a wider dtype)."""
+        return id(param) in self._low
+
+    def _require_active(self, param: torch.Tensor, what: str) -> int | None:
+        i = self.block_of_param.get(id(param))
+        if i is not None and i not in self._active:
+            raise RuntimeError(f"offload: block {i} was {what} while not resident")
+        return i
+
     def mark_dirty(self, params) -> None:
         """Record that these parameters were changed while resident (written back on release)."""
         for p in params:
-            i = self.block_of_param.get(id(p))
+            i = self._require_active(p, "changed")
             if i is not None:
-                if i not in self._active:
-                    raise RuntimeError(f"offload: block {i} was changed while not resident")
                 self._dirty.add(i)
+
+    @torch.no_grad()
+    def round_updated(self, params: Mapping[str, torch.Tensor], run_seed: int, step: int) -> None:
+        """Round the resident values of updated low-precision-stored parameters to ``storage_dtype``.
+
+        Call it right after step ``step``'s update, before anything reads the values: the forwards
+        that follow then see exactly what is written back. The rounding bits derive from
+        ``(run_seed, step, name)`` (:func:`zoft.zo.lowprec.round_updated_`); parameters stored in
+        their own dtype are left alone.
+        """
+        todo = {}
+        for name, p in params.items():
+            if id(p) in self._low:
+                self._require_active(p, "rounded")
+                todo[name] = p.data
+        if todo:
+            round_updated_(todo, self.storage_dtype, self.rounding, run_seed, step)
+
+    def trajectory_info(self, zo: ZOParameters) -> dict:
+        """What ``zoft replay`` needs to reproduce the storage rounding (empty without ``storage_dtype``)."""
+        if self.storage_dtype is None:
+            return {}
+        dtype = str(self.storage_dtype).removeprefix("torch.")
+        rounded = sorted(n for n, p in zo.params.items() if id(p) in self._low)
+        return {"storage": {"dtype": dtype, "rounding": self.rounding, "rounded": rounded}}
 
     @contextlib.contextmanager
     def resident(self, i: int) -> Iterator[None]:
@@ -286,6 +391,24 @@ class BlockOffloader:
         self.synchronize()
 
 
+def round_blocks_to_storage_(model: nn.Module, storage_dtype: torch.dtype) -> list[str]:
+    """Round, in place, the parameters that :class:`BlockOffloader` would store in ``storage_dtype``
+    to the values it stores (round to nearest); they keep their dtype. Returns their names.
+
+    ``zoft replay`` starts from this, as the offloaded run started from its stored blocks.
+    """
+    _, blocks = find_transformer_blocks(model)
+    in_blocks = {id(p) for p in blocks.parameters()}
+    width = torch.empty((), dtype=storage_dtype).element_size()
+    names = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if id(p) in in_blocks and p.is_floating_point() and p.element_size() > width:
+                p.data.copy_(p.data.to(storage_dtype))
+                names.append(name)
+    return names
+
+
 def check_cpu_memory(needed_bytes: int, available_bytes: int) -> None:
     """Refuse to offload a model whose stored blocks do not fit in CPU memory.
 
@@ -310,8 +433,15 @@ def attach_offload(model: nn.Module, config: OffloadConfig) -> BlockOffloader:
     compute = config.compute_device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(compute).type == "cuda" and not torch.cuda.is_available():
         raise ZoftError("offload.compute_device: CUDA is not available here; drop the key to compute on CPU")
+    storage = STORAGE_DTYPES[config.storage_dtype] if config.storage_dtype is not None else None
     return BlockOffloader(
-        model, compute, config.device, prefetch=config.prefetch, pin_memory=config.pin_memory
+        model,
+        compute,
+        config.device,
+        prefetch=config.prefetch,
+        pin_memory=config.pin_memory,
+        storage_dtype=storage,
+        rounding=config.rounding,
     )
 
 
@@ -324,6 +454,8 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
     offloader this happens while the block is resident, so the update needs no transfer of its own.
     :meth:`flush` applies whatever is left (before evaluation, save, and the next step's update); the
     arithmetic is :meth:`ZOParameters.apply_update`'s, so the weights equal eager MeZO's exactly.
+    With low-precision storage each updated block parameter is then rounded to the storage dtype
+    (:meth:`BlockOffloader.round_updated`): the weights equal eager MeZO's followed by that rounding.
 
     Fusion: when the forward that finds a parameter's update pending is a perturbed one, the update is
     handed to the perturbation's swap-in (``zo.pending_update``) instead of being applied by this
@@ -351,10 +483,21 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         super().__init__(zo, lr, weight_decay, n_directions, on_update, clip)
         self.offloader = offloader
         self.fuse = fuse
+        if offloader is not None:
+            # A parameter stored in bf16/fp16 but computed in fp32 would get an fp32 master from
+            # ZOParameters(master_weights="auto"); the resident fp32 copy already does that job during
+            # the update, and a master would keep values the seeded rounding never saw.
+            for name, p in zo.params.items():
+                if offloader.stores_low_precision(p):
+                    zo.masters.pop(name, None)
+            if any(offloader.stores_low_precision(p) for p in zo.params.values()):
+                # The seeded rounding must see each updated value before a perturbation reads it;
+                # a fused update+perturb would perturb the unrounded value.
+                self.fuse = False
         self._deferred: tuple[int, list[tuple[int, float]], float, float] | None = None
         self._unapplied: set[str] = set()
         self.applied_in_forward = 0  # parameters updated by a forward hook (not by flush)
-        if fuse:
+        if self.fuse:
             zo.pending_update = self._take
         self._handles = []
         for module, owned in zo._owners:
@@ -373,8 +516,12 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         self._mark_applied(todo, in_forward)
 
     def _mark_applied(self, names: list[str], in_forward: bool) -> None:
+        step = self._deferred[0]
         self._unapplied.difference_update(names)
         if self.offloader is not None:
+            # Storage rounding (a no-op unless blocks are stored in bf16/fp16, which turns fusion off,
+            # so the update has been applied by now).
+            self.offloader.round_updated({n: self.zo.params[n] for n in names}, self.zo.run_seed, step)
             self.offloader.mark_dirty(self.zo.params[n] for n in names)
         if in_forward:
             self.applied_in_forward += len(names)

@@ -7,6 +7,8 @@ exact on the same device type and dtype; with the philox generator (``z_generato
 any device, bit for bit for Rademacher z and to a few ulp per z for Gaussian z between the CUDA
 kernels and the CPU reference. The first line is a header describing the run; each later line is one
 step.
+A run whose offloaded blocks were stored in bf16/fp16 (ZO2's AMP mode) records that under
+``storage``, and replay rounds the same parameters with the same seeds after each update.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+
 from zoft.errors import ZoftError
+from zoft.zo.lowprec import ROUNDINGS, STORAGE_DTYPES, round_updated_
 from zoft.zo.perturb import ZOParameters
 
 FORMAT_VERSION = 1
@@ -73,8 +78,30 @@ def read_trajectory(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     return header, records
 
 
+def storage_rounding(header: dict) -> tuple[torch.dtype, str, list[str]] | None:
+    """``(storage dtype, rounding, names of the rounded parameters)`` of a low-precision-storage run, or None.
+
+    Raises:
+        ZoftError: a storage dtype or rounding this version cannot reproduce.
+    """
+    storage = header.get("storage")
+    if storage is None:
+        return None
+    dtype, rounding = STORAGE_DTYPES.get(storage.get("dtype")), storage.get("rounding")
+    if dtype is None or rounding not in ROUNDINGS:
+        raise ZoftError(
+            f"trajectory: storage dtype {storage.get('dtype')!r} with rounding {rounding!r} cannot be replayed by "
+            f"this zoft version (it reproduces {'/'.join(STORAGE_DTYPES)} with {'/'.join(ROUNDINGS)})"
+        )
+    return dtype, rounding, list(storage.get("rounded", []))
+
+
 def replay_updates(zo: ZOParameters, header: dict, records: Iterable[dict]) -> int:
-    """Apply the logged updates to freshly loaded parameters; returns the number of steps applied."""
+    """Apply the logged updates to freshly loaded parameters; returns the number of steps applied.
+
+    With a ``storage`` header (ZO2 with bf16/fp16 storage) the rounded parameters start rounded to
+    nearest, as the offloader stored them, and are rounded after every update as the run rounded them.
+    """
     expected = header.get("trained", {})
     actual = {n: list(p.shape) for n, p in zo.params.items()}
     if expected and {n: s for n, (s, _) in expected.items()} != actual:
@@ -82,17 +109,40 @@ def replay_updates(zo: ZOParameters, header: dict, records: Iterable[dict]) -> i
             "the rebuilt model's trained parameters differ from the run's (names or shapes); "
             "replay needs the same model, adapter and zoft version as the run"
         )
+    storage = storage_rounding(header)
+    rounded: dict[str, torch.Tensor] = {}
+    if storage is not None:
+        dtype, rounding, names = storage
+        unknown = [n for n in names if n not in zo.params]
+        if unknown:
+            raise ZoftError(f"trajectory: rounded parameter {unknown[0]!r} is not trained in the rebuilt model")
+        rounded = {n: zo.value(n) for n in names}
+        bad = [n for n, t in rounded.items() if t.dtype != torch.float32]
+        if bad:
+            raise ZoftError(f"trajectory: {bad[0]!r} must be float32 to replay {dtype} storage (set model.dtype: float32)")
+        round_updated_(rounded, dtype, "nearest", zo.run_seed, -1)
     n = 0
     for record in records:
         coefficients = [(int(k), float(c)) for k, c in record["coefficients"]]
         zo.apply_update(record["step"], coefficients, float(record["lr"]), float(record["weight_decay"]))
+        if rounded:
+            round_updated_(rounded, dtype, rounding, zo.run_seed, record["step"])
         n += 1
+    _sync_masters(zo, rounded)
     return n
 
 
 def recorded_z_generator(header: dict) -> str:
     """The z generator a trajectory was written with; logs without the field predate philox: torch."""
     return header.get("z_generator", "torch")
+
+
+def _sync_masters(zo: ZOParameters, rounded: dict[str, torch.Tensor]) -> None:
+    # A rounded value held in an fp32 master must reach the parameter the model saves.
+    with torch.no_grad():
+        for name in rounded:
+            if name in zo.masters:
+                zo.params[name].data.copy_(zo.masters[name])
 
 
 def trajectory_header(zo: ZOParameters, **extra) -> dict:
