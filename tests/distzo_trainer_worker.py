@@ -20,6 +20,11 @@ def main():
     trainer.train()
     if dist.get_rank() == 0:
         torch.save({n: p.detach().clone() for n, p in trainer.model.named_parameters()}, sys.argv[2])
+        off = trainer.offloader
+        if off is not None:
+            with open(sys.argv[2] + ".json", "w") as fh:
+                json.dump({"sliced": off.sliced, "uploads": off.uploads, "uploaded_bytes": off.uploaded_bytes,
+                           "stored_dtypes": sorted({str(e[3].dtype) for b in off._stored for e in b})}, fh)
     del trainer
     gc.collect()  # see ASSETS.md: gloo runs can abort at exit without this before destroy_process_group
     dist.barrier()

@@ -8,8 +8,10 @@ import torch
 import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from zoft.errors import ZoftError
 from zoft.zo.distributed import DistZO, DistZOConfig
 from zoft.zo.mezo import MeZOOptimizer
+from zoft.zo.offload import BlockOffloader, DeferredMeZOOptimizer
 from zoft.zo.perturb import ZOParameters
 
 STEPS, GLOBAL_BATCH, VOCAB = 3, 4, 101
@@ -34,10 +36,13 @@ def pair_losses(model, ids):
     return tuple(model.loss_function(logits=h, labels=ids, vocab_size=VOCAB) for h in (logits[:n], logits[n:]))
 
 
-def train(dzo: DistZO, model, paired=False):
+def train(dzo: DistZO, model, paired=False, offloader=None):
     zo = ZOParameters(model, run_seed=3)
     log = []
-    opt = MeZOOptimizer(zo, lr=1e-2, on_update=log.append)
+    if offloader is None:
+        opt = MeZOOptimizer(zo, lr=1e-2, on_update=log.append)
+    else:  # ZO2 (+ sliced uploads): the update deferred to each block's next residency
+        opt = DeferredMeZOOptimizer(zo, lr=1e-2, on_update=log.append, offloader=offloader)
     shard = GLOBAL_BATCH // dzo.dp
     for step, ids in enumerate(data()):
         mine = ids[dzo.dp_index * shard : (dzo.dp_index + 1) * shard]
@@ -49,6 +54,7 @@ def train(dzo: DistZO, model, paired=False):
         for e in estimates:
             opt.record(step, e)
         opt.step()
+    opt.flush()
     return zo, log
 
 
@@ -71,6 +77,29 @@ def main():
         _, paired_log = train(dzo, paired_model, paired=True)
         same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), paired_model.state_dict().values()))
         result = {"log": paired_log, "unpaired_log": log, "same_weights": same, "scalars_sent": dzo.scalars_sent}
+    elif mode == "offload":
+        # The same run twice on these ranks: blocks offloaded with whole uploads, then with sliced uploads
+        # (argv[4]: "list" forces all_gather instead of all_gather_into_tensor).
+        runs = {}
+        for sliced in (False, True):
+            m = tiny()
+            offloader = BlockOffloader(m, "cpu", "cpu", sliced=sliced)
+            if sliced and sys.argv[4] == "list":
+                offloader.gather_into_tensor = False
+            zo, log = train(dzo, m, offloader=offloader)
+            dzo.check_in_sync(zo, STEPS)
+            runs[sliced] = {"log": log, "uploads": offloader.uploads, "uploaded_bytes": offloader.uploaded_bytes,
+                            "stored_bytes": offloader.stored_bytes, "sliced": offloader.sliced,
+                            "into_tensor": offloader.gather_into_tensor}
+            if rank == 0:
+                torch.save(m.state_dict(), f"{out}.{'sliced' if sliced else 'whole'}.pt")
+        result = {"whole": runs[False], "sliced": runs[True]}
+    elif mode == "mismatch":  # rank 1 prefetches, rank 0 does not: refused before any upload
+        try:
+            BlockOffloader(model, "cpu", "cpu", sliced=True, prefetch=rank == 1)
+            result = {"raised": None}
+        except ZoftError as e:
+            result = {"raised": str(e)}
     elif mode == "diverge":
         zo = ZOParameters(model, run_seed=3)
         if rank == 1:

@@ -16,7 +16,7 @@ from zoft.zo.distributed import DistZO, DistZOConfig, PertPSampler, resolve_layo
 HERE = Path(__file__).parent
 
 
-def torchrun(args, nproc=2, timeout=240):
+def torchrun(args, nproc=2, timeout=900):  # generous: a loaded 2-core machine starts torchrun slowly
     env = dict(os.environ, PYTHONPATH=f"{HERE.parent}{os.pathsep}{HERE}", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_port", str(29500 + os.getpid() % 1000), *args]
@@ -70,6 +70,57 @@ def test_data_parallel_ranks_with_the_paired_forward_match_their_two_forward_run
     assert r0["scalars_sent"] == 2 * (3 * 2 + 3)
 
 
+@pytest.mark.parametrize("pp,gather", [(2, "into_tensor"), (1, "list")], ids=["pertp", "dp"])
+def test_sliced_uploads_on_two_gloo_ranks_end_with_the_single_process_weights_at_half_the_upload_bytes(
+    single_process, tmp_path, pp, gather
+):
+    ref_log, ref_state = single_process
+    out = str(tmp_path / "run")
+    torchrun([str(HERE / "distzo_worker.py"), "offload", str(pp), out, gather])
+    r0, r1 = (json.loads(Path(f"{out}.{r}.json").read_text()) for r in (0, 1))
+    whole, sliced = torch.load(out + ".whole.pt"), torch.load(out + ".sliced.pt")
+    for r in (r0, r1):
+        assert r["sliced"]["sliced"] and not r["whole"]["sliced"]
+        assert r["sliced"]["into_tensor"] is (gather == "into_tensor")
+        assert r["sliced"]["log"] == r["whole"]["log"] == r0["whole"]["log"]  # every rank, both upload schemes
+    for n, t in whole.items():
+        assert torch.equal(t, sliced[n]), n  # slicing changes where bytes travel, not a single bit
+    if pp == 2:  # as without offload: bit-identical to one process
+        assert r0["sliced"]["log"] == ref_log
+        for n, t in ref_state.items():
+            assert torch.equal(t, sliced[n]), n
+    else:  # DP: the half-batch losses round differently (see the test above), within the same bound
+        dg = [abs(a["coefficients"][0][1] - b["coefficients"][0][1]) for a, b in zip(ref_log, r0["sliced"]["log"])]
+        for n, t in ref_state.items():
+            assert (t - sliced[n]).abs().max().item() <= 1e-2 * sum(dg) * 6 + 1e-7, n
+    # Each rank copied half of every block to the compute device, the other half came from its partner.
+    # One fp32 group per block here; an odd block splits into slices one element apart.
+    for r in (r0, r1):
+        w, s = r["whole"], r["sliced"]
+        assert s["uploads"] == w["uploads"] > 0 and s["stored_bytes"] == w["stored_bytes"]
+        assert abs(w["uploaded_bytes"] / 2 - s["uploaded_bytes"]) <= 4 * s["uploads"]
+    assert r0["sliced"]["uploaded_bytes"] + r1["sliced"]["uploaded_bytes"] == r0["whole"]["uploaded_bytes"]
+
+
+def test_ranks_whose_offload_prefetch_differs_are_refused_before_any_sliced_upload(tmp_path):
+    out = str(tmp_path / "mismatch")
+    torchrun([str(HERE / "distzo_worker.py"), "mismatch", "1", out])
+    for r in (0, 1):
+        msg = json.loads(Path(f"{out}.{r}.json").read_text())["raised"]
+        assert msg and msg.startswith("offload: the ranks' transformer blocks or offload.prefetch differ")
+
+
+def test_sliced_upload_true_in_one_process_is_refused_in_one_line():
+    from distzo_worker import tiny as tiny_llama
+
+    from zoft.zo.offload import OffloadConfig, attach_offload
+
+    with pytest.raises(ZoftError, match=r"^offload.sliced_upload: true needs several processes sharing the uploads, "
+                                        r"but this run has 1; launch it with torchrun"):
+        attach_offload(tiny_llama(), OffloadConfig(compute_device="cpu", sliced_upload=True))
+    assert not attach_offload(tiny_llama(), OffloadConfig(compute_device="cpu")).sliced  # auto: off in one process
+
+
 def test_checksum_fails_loudly_on_every_rank_when_weights_diverge(tmp_path):
     out = str(tmp_path / "div")
     torchrun([str(HERE / "distzo_worker.py"), "diverge", "2", out])
@@ -101,7 +152,10 @@ def test_pertp_sampler_gives_partner_ranks_the_same_batch_under_round_robin_shar
         assert [own[i : i + bs] for i in range(0, len(own), bs)] == per_rank[r]
 
 
-def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_llama_dir, sentiment_csv, tmp_path):
+@pytest.mark.parametrize("offload", [None, {"device": "cpu", "storage_dtype": "bfloat16"}], ids=["memory", "zo2-bf16"])
+def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_llama_dir, sentiment_csv, tmp_path,
+                                                                          offload):
+    """With offload: bf16 storage, and on 2 ranks sliced uploads (auto), against one process without slicing."""
     from conftest import tiny_recipe
 
     from zoft import run
@@ -109,7 +163,7 @@ def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_l
 
     def recipe(out, **sections):
         return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
-                           **sections)
+                           offload=offload, **sections)
 
     single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
     run.prepare_output_dir(single)
@@ -127,3 +181,10 @@ def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_l
         tmp_path / "two" / "trajectory.jsonl")[1]
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), two[n]), n
+    if offload is not None:
+        info = json.loads((tmp_path / "two.pt.json").read_text())
+        assert info["sliced"] and info["stored_dtypes"] == ["torch.bfloat16"]
+        assert not trainer.offloader.sliced
+        # half of one process's bytes per upload (PertP: each rank runs half the forwards, so compare per upload)
+        per_upload = trainer.offloader.uploaded_bytes / trainer.offloader.uploads
+        assert abs(info["uploaded_bytes"] / info["uploads"] - per_upload / 2) <= 2

@@ -276,8 +276,11 @@ def test_replay_refuses_a_storage_it_cannot_reproduce_in_one_line():
     ({"offload": {"storage_dtype": "bfloat16"}, "method": {"master_weights": "fp32"}},
      "method.master_weights fp32 with offload.storage_dtype: an fp32 copy of every trained weight undoes"),
     ({"offload": {"storage_dtype": "float8"}}, "offload.storage_dtype: Input should be 'bfloat16' or 'float16'"),
+    ({"offload": {"sliced_upload": True}},
+     "offload.sliced_upload: true shares block uploads among DistZO2 ranks, but the recipe has no distributed "
+     "section; add one (distributed: {}) and launch several processes, or use auto"),
 ])
-def test_storage_settings_that_cannot_work_are_refused_in_one_line(tiny_llama_dir, sentiment_csv, tmp_path,
+def test_offload_settings_that_cannot_work_are_refused_in_one_line(tiny_llama_dir, sentiment_csv, tmp_path,
                                                                     sections, expected):
     from conftest import tiny_recipe
 

@@ -557,6 +557,13 @@ class OffloadSection(Section):
         "~1e-6 in expectation; nearest loses every update below half a bfloat16 spacing.",
     )
 
+    sliced_upload: bool | Literal["auto"] = Field(
+        "auto",
+        description="With distributed (DistZO2) on several processes: each rank uploads 1/N of every block and "
+        "the ranks of a node all-gather the rest over the GPU interconnect (DistZO2's sliced uploads; N: ranks "
+        "per node); auto: on when more than one process runs; false: every rank uploads whole blocks.",
+    )
+
     @property
     def resolved_rounding(self) -> str:
         """offload.rounding, or its default (stochastic)."""
@@ -702,6 +709,11 @@ def _offload_combination_problem(recipe: Recipe) -> str | None:
     o = recipe.offload
     if o is None:
         return None
+    if o.sliced_upload is True and recipe.distributed is None:
+        return (
+            "offload.sliced_upload: true shares block uploads among DistZO2 ranks, but the recipe has no "
+            "distributed section; add one (distributed: {}) and launch several processes, or use auto"
+        )
     if o.storage_dtype is None:
         if o.rounding is not None:
             return "offload.rounding: only used with offload.storage_dtype (blocks are stored in model.dtype)"

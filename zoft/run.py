@@ -199,6 +199,7 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
                 pin_memory=o.pin_memory,
                 storage_dtype=o.storage_dtype,
                 rounding=o.resolved_rounding,
+                sliced_upload=o.sliced_upload,
             ),
         )
     distributed = None

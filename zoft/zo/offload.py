@@ -22,10 +22,12 @@ of the forward code. On a CPU-only machine "offloading to the same device" runs 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from zoft.errors import ZoftError
@@ -113,6 +115,20 @@ class BlockOffloader:
     copy see the same values and the write-back is exact. Buffers (rotary tables, masks) keep their
     dtype: they are small and some lose their meaning in 16 bits.
 
+    Sliced uploads (``sliced``, DistZO2's hardware-aware scheme): the ranks of ``group`` (one node's
+    ranks) each copy only their 1/size slice of a block's stored tensors (flattened and concatenated
+    per storage dtype) to the compute device, and ``all_gather_into_tensor`` (``all_gather`` where the
+    backend lacks it) assembles the whole block on every rank over the device interconnect. Each
+    rank's host-to-device bytes drop to 1/size. Every upload is then a collective, so every rank must
+    upload the same blocks in the same order: uploads happen only in block hooks (block i, then the
+    prefetch of i+1, wrapping to 0 after the last block) and in :meth:`resident` (flushes, in block
+    order), so ranks that run the same forwards and flushes, with the same ``prefetch``, issue
+    identical sequences; the layout and ``prefetch`` are compared across ranks at construction. A
+    forward run on some ranks only (e.g. generation on rank 0) would hang the others. Every rank
+    writes the whole updated block back to its own stored copy: each process holds a private full
+    copy, and all ranks hold identical values after the update (docs/multi_gpu.md discusses the
+    alternatives).
+
     Args:
         model: the model; its blocks are found by :func:`find_transformer_blocks`.
         compute_device: where blocks run; the rest of the model is moved there.
@@ -122,9 +138,13 @@ class BlockOffloader:
         storage_dtype: ``torch.bfloat16`` / ``torch.float16`` to store block parameters in (those
             wider than it); ``None``: store them in their own dtype.
         rounding: ``"stochastic"`` (default) or ``"nearest"``, used by :meth:`round_updated`.
+        sliced: upload 1/size of each block per rank and all-gather (needs an initialized process group).
+        group: the ``torch.distributed`` group sharing the uploads (``None``: the default group); with
+            one member, slicing is off.
 
     Raises:
-        ZoftError: no block list; float16 storage of weights beyond float16's range.
+        ZoftError: no block list; float16 storage of weights beyond float16's range; ranks whose
+            blocks or prefetch setting differ (sliced).
     """
 
     def __init__(
@@ -137,6 +157,8 @@ class BlockOffloader:
         pin_memory: bool | None = None,
         storage_dtype: torch.dtype | None = None,
         rounding: str = "stochastic",
+        sliced: bool = False,
+        group=None,
     ) -> None:
         if storage_dtype is not None and storage_dtype not in STORAGE_DTYPES.values():
             raise ValueError(f"storage_dtype must be torch.bfloat16 or torch.float16, got {storage_dtype}")
@@ -168,6 +190,14 @@ class BlockOffloader:
         self.uploaded_bytes = 0  # bytes this process copied from storage to the compute device
         self.writebacks = 0
         self._place(model)
+        self.group = group
+        self.slice_world, self.slice_rank = (dist.get_world_size(group), dist.get_rank(group)) if sliced else (1, 0)
+        self.sliced = self.slice_world > 1
+        # all_gather_into_tensor: one contiguous output, what NCCL does best; None: not tried yet.
+        self.gather_into_tensor: bool | None = None
+        if self.sliced:
+            self._slices = [self._slice_layout(entries) for entries in self._stored]
+            self._check_layout()
         self._handles = []
         for i, block in enumerate(self.blocks):
             self._handles.append(block.register_forward_pre_hook(lambda m, a, i=i: self._before_block(i)))
@@ -233,6 +263,32 @@ class BlockOffloader:
         else:
             module._buffers[attr] = tensor
 
+    @staticmethod
+    def _slice_layout(entries) -> list[tuple[torch.dtype, list[tuple[int, int]], int]]:
+        """Per storage dtype: (dtype, [(entry index, offset in the concatenation)], total elements)."""
+        groups: dict[torch.dtype, tuple[list[tuple[int, int]], list[int]]] = {}
+        for k, e in enumerate(entries):
+            members, total = groups.setdefault(e[3].dtype, ([], [0]))
+            members.append((k, total[0]))
+            total[0] += e[3].numel()
+        return [(dtype, members, total[0]) for dtype, (members, total) in groups.items()]
+
+    def _check_layout(self) -> None:
+        """Refuse ranks whose uploads would not pair up: their collectives would hang or mix blocks."""
+        sizes = [total for layout in self._slices for _, _, total in layout]
+        mine = torch.tensor(
+            [len(self.blocks), int(self.prefetch), len(sizes), sum(sizes), sum((k + 1) * n for k, n in enumerate(sizes))],
+            dtype=torch.int64,
+            device=self.device,
+        )
+        everyone = [torch.empty_like(mine) for _ in range(self.slice_world)]
+        dist.all_gather(everyone, mine, group=self.group)
+        if any(not torch.equal(mine, other) for other in everyone):
+            raise ZoftError(
+                "offload: the ranks' transformer blocks or offload.prefetch differ, so their sliced uploads cannot "
+                "pair up; every rank must load the same model with the same recipe"
+            )
+
     @property
     def stored_bytes(self) -> int:
         """Bytes the stored blocks occupy in storage memory."""
@@ -250,12 +306,50 @@ class BlockOffloader:
         self.uploaded_bytes += sum(t.nbytes for t in staged)
         return staged
 
+    def _gather_block(self, i: int) -> list[torch.Tensor]:
+        """Block i on the compute device (storage dtype): this rank uploads its slice, the group all-gathers."""
+        entries = self._stored[i]
+        out: list[torch.Tensor | None] = [None] * len(entries)
+        for dtype, members, total in self._slices[i]:
+            chunk = -(-total // self.slice_world)  # the last slice is padded to this length
+            start = self.slice_rank * chunk
+            end = min(start + chunk, total)
+            mine = torch.empty(chunk, dtype=dtype, device=self.device)
+            mine[max(end - start, 0) :].zero_()  # padding: sent, never read
+            for k, offset in members:
+                flat = entries[k][3].view(-1)
+                a, b = max(offset, start), min(offset + flat.numel(), end)
+                if a < b:
+                    mine[a - start : b - start].copy_(flat[a - offset : b - offset], non_blocking=True)
+            self.uploaded_bytes += max(end - start, 0) * mine.element_size()
+            full = torch.empty(chunk * self.slice_world, dtype=dtype, device=self.device)
+            self._all_gather(full, mine)
+            for k, offset in members:
+                shape = entries[k][3].shape
+                out[k] = full[offset : offset + entries[k][3].numel()].view(shape)
+        return out
+
+    def _all_gather(self, full: torch.Tensor, mine: torch.Tensor) -> None:
+        if self.gather_into_tensor is not False:
+            try:
+                dist.all_gather_into_tensor(full, mine, group=self.group)
+                self.gather_into_tensor = True
+                return
+            except (RuntimeError, NotImplementedError):
+                # Backends without it (gloo before torch 2.x) refuse locally, before communicating, and
+                # identically on every rank: all of them fall back here.
+                if self.gather_into_tensor:
+                    raise
+                self.gather_into_tensor = False
+        dist.all_gather(list(full.chunk(self.slice_world)), mine, group=self.group)
+
     def _upload(self, i: int, stream) -> None:
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             if stream is not None and i in self._writeback_event:
                 stream.wait_event(self._writeback_event.pop(i))  # its stored copy is still being written
-            staged = self._copy_block(i)
+            # On the side stream the collective is ordered after this stream's copies and before its event.
+            staged = self._gather_block(i) if self.sliced else self._copy_block(i)
             # Cast after the transfer, on the compute device: a cross-device copy_ that also changes the
             # dtype converts on the host and would move the wide dtype's bytes.
             copies = [t if t.dtype == e[4] else t.to(e[4]) for t, e in zip(staged, self._stored[i])]
@@ -281,6 +375,8 @@ class BlockOffloader:
 
     def _deactivate(self, i: int) -> None:
         if i in self._dirty:
+            # Sliced or not, the whole block: this process's stored copy is private and complete (it is what
+            # save, checksum and the next upload read), and every rank holds the same updated values.
             for module, kind, attr, stored, _ in self._stored[i]:
                 if kind == "_parameters":
                     value = module._parameters[attr].data
@@ -424,16 +520,42 @@ def check_cpu_memory(needed_bytes: int, available_bytes: int) -> None:
         )
 
 
+def node_group(environ: Mapping[str, str] | None = None):
+    """The process group of this node's ranks, to share block uploads over the node's device links.
+
+    Every node has its own host memory and host-to-device links, and its devices are connected to
+    each other much faster than to other nodes: each node's ranks split the uploads among themselves
+    and all-gather within the node. ``None`` (the default group) when all ranks are on one node, or
+    when the launcher's ``LOCAL_WORLD_SIZE`` does not divide the world (nodes of unequal size). A
+    collective: every rank calls it.
+    """
+    env = os.environ if environ is None else environ
+    world = dist.get_world_size()
+    local = int(env.get("LOCAL_WORLD_SIZE", world))
+    if local >= world or world % local:
+        return None
+    group, _ = dist.new_subgroups(group_size=local)  # torchrun numbers a node's ranks contiguously
+    return group
+
+
 def attach_offload(model: nn.Module, config: OffloadConfig) -> BlockOffloader:
     """Offload ``model``'s transformer blocks as ``config`` says; returns the offloader.
 
     Raises:
-        ZoftError: the compute device is CUDA but none is available, or no block list is found.
+        ZoftError: the compute device is CUDA but none is available; ``sliced_upload`` true in a single
+            process; or no block list is found.
     """
     compute = config.compute_device or ("cuda" if torch.cuda.is_available() else "cpu")
     if torch.device(compute).type == "cuda" and not torch.cuda.is_available():
         raise ZoftError("offload.compute_device: CUDA is not available here; drop the key to compute on CPU")
     storage = STORAGE_DTYPES[config.storage_dtype] if config.storage_dtype is not None else None
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    sliced = world > 1 if config.sliced_upload == "auto" else bool(config.sliced_upload)
+    if sliced and world == 1:
+        raise ZoftError(
+            "offload.sliced_upload: true needs several processes sharing the uploads, but this run has 1; "
+            "launch it with torchrun --nproc_per_node N, or set sliced_upload: auto"
+        )
     return BlockOffloader(
         model,
         compute,
@@ -442,6 +564,8 @@ def attach_offload(model: nn.Module, config: OffloadConfig) -> BlockOffloader:
         pin_memory=config.pin_memory,
         storage_dtype=storage,
         rounding=config.rounding,
+        sliced=sliced,
+        group=node_group() if sliced else None,
     )
 
 
