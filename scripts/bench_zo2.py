@@ -64,7 +64,8 @@ def worker(args) -> None:
     offloader = None
     offload, paired = "offload" in args.config, "paired" in args.config
     if offload:
-        offloader = BlockOffloader(model, device, "cpu")
+        storage = torch.bfloat16 if "bf16" in args.config else None  # offload.storage_dtype (ZO2's AMP mode)
+        offloader = BlockOffloader(model, device, "cpu", storage_dtype=storage)
     else:
         model.to(device)
     zo = ZOParameters(model, run_seed=0)
@@ -99,6 +100,7 @@ def worker(args) -> None:
                 torch.cuda.synchronize()
             start = time.perf_counter()
             uploads_before = offloader.uploads if offloader is not None else 0
+            bytes_before = offloader.uploaded_bytes if offloader is not None else 0
         if paired:
             estimates = paired_spsa(zo, pair_losses, ids.shape[0], step=step, eps=1e-3, seq_len=ids.shape[1])
         else:
@@ -107,6 +109,7 @@ def worker(args) -> None:
             opt.record(step, e)
         opt.step()
     uploads = offloader.uploads - uploads_before if offloader is not None else 0  # before the final flush's
+    sent = offloader.uploaded_bytes - bytes_before if offloader is not None else 0
     opt.flush()
     if cuda:
         torch.cuda.synchronize()
@@ -116,6 +119,7 @@ def worker(args) -> None:
     result = {"rank": rank, "seconds": elapsed, "peak": peak, "tokens_per_s": args.steps * args.batch * args.seq / elapsed}
     if offloader is not None:
         result["uploads_per_step"] = uploads / args.steps
+        result["upload_mib_per_step"] = sent / args.steps / 2**20
     with open(f"{args.out}.{rank}.json", "w") as fh:
         json.dump(result, fh)
     if distributed:
@@ -162,19 +166,20 @@ def main() -> None:
     rows.append(("MeZO in memory, paired forward", run_config("plain-paired", args)))
     rows.append(("ZO2 offload, two forwards", run_config("offload", args)))
     rows.append(("ZO2 offload, paired forward (default)", run_config("offload-paired", args)))
+    rows.append(("ZO2 offload, paired, bf16 block storage", run_config("offload-paired-bf16", args)))
     if not args.skip_ranks:
         rows.append(("DistZO2 PertP, 2 ranks", run_config("pertp", args, nproc=2, pp=2)))
         rows.append(("DistZO2 DP, 2 ranks", run_config("dp", args, nproc=2, pp=1)))
     base = rows[0][1][0]
     mem = "GPU peak allocated" if cuda else "peak RSS per rank"
-    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory | block uploads / step |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory | block uploads / step | MiB uploaded / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, results in rows:
         tps = results[0]["tokens_per_s"]
         peak = max(r["peak"] for r in results)
-        uploads = results[0].get("uploads_per_step")
+        uploads, mib = results[0].get("uploads_per_step"), results[0].get("upload_mib_per_step")
         print(f"| {name} | {tps:.0f} | {tps / base['tokens_per_s']:.2f} | {peak / 2**20:.0f} | {peak / base['peak']:.2f} | "
-              f"{'-' if uploads is None else f'{uploads:.0f}'} |")
+              f"{'-' if uploads is None else f'{uploads:.0f}'} | {'-' if mib is None else f'{mib:.0f}'} |")
     if not cuda:
         print("\nCPU only: offload copies blocks CPU->CPU, so its row is the code path's overhead; the "
               "upload/compute overlap and the GPU memory saving cannot be measured here. The 2-rank rows "
