@@ -134,3 +134,15 @@ def tiny_recipe(model_dir, data_path, out_dir, **sections):
         else:
             recipe[key] = value
     return recipe
+
+
+def train_recipe(recipe_dict):
+    """Validate a recipe dict, prepare its output folder, build its trainer and train; returns the trainer."""
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    recipe = validate_recipe(recipe_dict)
+    run.prepare_output_dir(recipe)
+    trainer = run.build_trainer(recipe)
+    trainer.train()
+    return trainer

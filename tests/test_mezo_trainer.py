@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_recipe, train_recipe
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -28,21 +28,13 @@ def _trained_state(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
 
 
-def _train(recipe_dict):
-    recipe = validate_recipe(recipe_dict)
-    run.prepare_output_dir(recipe)
-    trainer = run.build_trainer(recipe)
-    trainer.train()
-    return trainer
-
-
 def test_gradient_accumulation_of_k_microbatches_with_one_seed_equals_one_big_batch(
     tiny_llama_dir, sentiment_csv, tmp_path
 ):
-    big = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "big",
+    big = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "big",
                              train={"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                                     "save_strategy": "no"}))
-    small = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "acc",
+    small = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "acc",
                                train={"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4,
                                       "save_strategy": "no"}))
     a, b = _trained_state(big), _trained_state(small)
@@ -105,7 +97,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run_and_r
 def test_trajectory_records_step_seed_inputs_projected_gradient_and_lr(tiny_llama_dir, sentiment_csv, tmp_path):
     recipe = tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "r",
                          method={"n_directions": 2}, train={"save_strategy": "no", "lr_scheduler_type": "linear"})
-    trainer = _train(recipe)
+    trainer = train_recipe(recipe)
     header, records = read_trajectory(tmp_path / "r" / "trajectory.jsonl")
     assert header["run_seed"] == 7 and header["distribution"] == "gaussian" and header["n_directions"] == 2
     assert set(header["trained"]) == set(trainer.zo_params.params)

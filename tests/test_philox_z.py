@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_recipe, train_recipe
 from test_mezo_trainer import _KillAt, _weights
 from test_offload import batches, tiny
 from test_perturb import Quadratic, TwoLayer
@@ -216,14 +216,6 @@ def test_triton_kernels_in_training_match_the_reference_under_the_interpreter(tm
 # -- through the recipe, resume and replay ------------------------------------------------------------
 
 
-def _train(recipe_dict):
-    recipe = validate_recipe(recipe_dict)
-    run.prepare_output_dir(recipe)
-    trainer = run.build_trainer(recipe)
-    trainer.train()
-    return trainer
-
-
 def test_recipe_philox_trains_resumes_and_replays_bit_for_bit(tiny_llama_dir, sentiment_csv, tmp_path):
     settings = {"train": {"max_steps": 6, "save_steps": 2}, "method": {"z_generator": "philox"}}
     straight = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "straight", **settings))
@@ -277,9 +269,9 @@ def test_replay_uses_the_recorded_generator_and_old_logs_mean_torch(tiny_llama_d
 def test_recipe_offload_with_philox_trains_exactly_like_the_in_memory_recipe(tiny_llama_dir, sentiment_csv, tmp_path):
     # Two forwards per step (the paired forward, offload's default, does not fuse: see the next test).
     method = {"z_generator": "philox", "paired_forward": False}
-    plain = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method=method,
+    plain = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method=method,
                                train={"save_strategy": "no"}))
-    off = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method=method,
+    off = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method=method,
                              offload={"device": "cpu"}, train={"save_strategy": "no"}))
     opt = off.zo_optimizer
     assert isinstance(opt, DeferredMeZOOptimizer) and opt.fuse and opt.zo.z_generator == "philox"
@@ -294,9 +286,9 @@ def test_recipe_offload_with_philox_trains_exactly_like_the_in_memory_recipe(tin
 def test_recipe_offload_paired_with_philox_trains_exactly_like_the_in_memory_paired_recipe(
     tiny_llama_dir, sentiment_csv, tmp_path
 ):
-    plain = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain",
+    plain = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain",
                                method={"z_generator": "philox", "paired_forward": True}, train={"save_strategy": "no"}))
-    off = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method={"z_generator": "philox"},
+    off = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "off", method={"z_generator": "philox"},
                              offload={"device": "cpu"}, train={"save_strategy": "no"}))
     assert off.zo_params.z_generator == "philox"
     ta = read_trajectory(tmp_path / "plain" / "trajectory.jsonl")[1]

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import tiny_recipe, train_recipe
 
 from zoft import run
 from zoft.config import validate_recipe
@@ -89,14 +89,6 @@ def test_every_privacy_field_has_a_description():
         assert field.description and len(field.description) > 20, name
 
 
-def _train(recipe_dict):
-    recipe = validate_recipe(recipe_dict)
-    run.prepare_output_dir(recipe)
-    trainer = run.build_trainer(recipe)
-    trainer.train()
-    return trainer
-
-
 def _trained(trainer):
     return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
 
@@ -129,10 +121,10 @@ def test_flashdp_without_noise_and_with_a_huge_bound_trains_exactly_like_non_pri
 ):
     train = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 2,
              "save_strategy": "no", "logging_steps": 1, "max_grad_norm": 0.0}
-    plain = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method={"name": "adamw"},
+    plain = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method={"name": "adamw"},
                                peft=LORA, train=train))
     private_train = {k: v for k, v in train.items() if k != "max_grad_norm"}
-    private = _train(tiny_recipe(
+    private = train_recipe(tiny_recipe(
         tiny_llama_dir, sentiment_csv, tmp_path / "dp", method={"name": "adamw"}, peft=LORA, train=private_train,
         privacy={"method": "flashdp", "noise_multiplier": 0.0, "clip_bound": 1e6, "sampling": "shuffle"},
     ))
@@ -153,10 +145,10 @@ def test_flashdp_small_bound_limits_each_layers_sgd_step_to_lr_times_its_bound(t
     train = {"learning_rate": lr, "max_steps": 1, "save_strategy": "no", "max_grad_norm": 0.0}
     start = _trained(run.build_trainer(validate_recipe(
         tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "s", method={"name": "sgd"}, peft=LORA))))
-    plain = _trained(_train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method={"name": "sgd"},
+    plain = _trained(train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "plain", method={"name": "sgd"},
                                         peft=LORA, train=train)))
     train.pop("max_grad_norm")
-    dp = _trained(_train(tiny_recipe(
+    dp = _trained(train_recipe(tiny_recipe(
         tiny_llama_dir, sentiment_csv, tmp_path / "dp", method={"name": "sgd"}, peft=LORA, train=train,
         privacy={"method": "flashdp", "noise_multiplier": 0.0, "clip_bound": total, "sampling": "shuffle"},
     )))
@@ -173,8 +165,8 @@ def test_flashdp_small_bound_limits_each_layers_sgd_step_to_lr_times_its_bound(t
 
 def test_dpzero_without_noise_and_with_a_huge_clip_follows_the_mezo_trajectory(tiny_llama_dir, sentiment_csv, tmp_path):
     train = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": 3, "save_strategy": "no"}
-    mezo = _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "mezo", train=train))
-    dpzero = _train(tiny_recipe(
+    mezo = train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "mezo", train=train))
+    dpzero = train_recipe(tiny_recipe(
         tiny_llama_dir, sentiment_csv, tmp_path / "dpzero", train=train,
         privacy={"method": "dpzero", "noise_multiplier": 0.0, "clip_bound": 1e9, "sampling": "shuffle"},
     ))
@@ -192,11 +184,11 @@ def test_dpzero_without_noise_and_with_a_huge_clip_follows_the_mezo_trajectory(t
 def test_dpzero_clip_bounds_every_step_coefficient(tiny_llama_dir, sentiment_csv, tmp_path):
     clip = 1e-3
     train = {"max_steps": 3, "save_strategy": "no"}
-    _train(tiny_recipe(
+    train_recipe(tiny_recipe(
         tiny_llama_dir, sentiment_csv, tmp_path / "dpzero", train=train,
         privacy={"method": "dpzero", "noise_multiplier": 0.0, "clip_bound": clip, "sampling": "shuffle"},
     ))
-    _train(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "mezo", train=train))
+    train_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "mezo", train=train))
     _, clipped = read_trajectory(tmp_path / "dpzero" / "trajectory.jsonl")
     _, plain = read_trajectory(tmp_path / "mezo" / "trajectory.jsonl")
     assert all(abs(r["coefficients"][0][1]) <= clip * (1 + 1e-6) for r in clipped)
