@@ -146,3 +146,23 @@ def train_recipe(recipe_dict):
     trainer = run.build_trainer(recipe)
     trainer.train()
     return trainer
+
+
+def train_until_killed(recipe, at_step):
+    """Build ``recipe``'s trainer and train it until a KeyboardInterrupt at the end of step ``at_step`` (a
+    run killed mid-training); returns the trainer so a caller can release what it holds."""
+    from transformers import TrainerCallback
+
+    from zoft import run
+
+    class KillAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == at_step:
+                raise KeyboardInterrupt
+
+    run.prepare_output_dir(recipe)
+    trainer = run.build_trainer(recipe)
+    trainer.add_callback(KillAt())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    return trainer

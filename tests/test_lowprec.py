@@ -202,8 +202,8 @@ def test_with_nearest_rounding_a_small_update_vanishes_from_bf16_blocks_and_stoc
 
 
 def test_recipe_with_bf16_storage_resumes_and_replays_exactly(tiny_llama_dir, sentiment_csv, tmp_path):
-    from conftest import tiny_recipe
-    from test_mezo_trainer import _KillAt, _weights
+    from conftest import tiny_recipe, train_until_killed
+    from test_mezo_trainer import _weights
     from transformers import AutoModelForCausalLM
 
     from zoft import checkpoints, run
@@ -220,11 +220,7 @@ def test_recipe_with_bf16_storage_resumes_and_replays_exactly(tiny_llama_dir, se
     assert storage["rounded"] and all(n.startswith("model.layers.") for n in storage["rounded"])
 
     killed = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "killed", **settings))
-    run.prepare_output_dir(killed)
-    trainer = run.build_trainer(killed)
-    trainer.add_callback(_KillAt(5))
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    trainer = train_until_killed(killed, 5)
     del trainer
     assert checkpoints.latest_complete_checkpoint(tmp_path / "killed").name == "checkpoint-4"
     run.train(killed.model_copy(update={"output": killed.output.model_copy(update={"resume": True})}))

@@ -4,9 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_recipe, train_recipe
+from conftest import tiny_recipe, train_recipe, train_until_killed
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from zoft import checkpoints, run
 from zoft.config import validate_recipe
@@ -48,15 +47,6 @@ def test_gradient_accumulation_of_k_microbatches_with_one_seed_equals_one_big_ba
         assert ra["coefficients"][0][1] == pytest.approx(rb["coefficients"][0][1], rel=2e-3, abs=1e-5)  # padding widths differ
 
 
-class _KillAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 @pytest.mark.parametrize("peft", [None, {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}])
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run_and_replay_rebuilds_them(
     tiny_llama_dir, sentiment_csv, tmp_path, peft
@@ -66,11 +56,7 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run_and_r
     run.train(straight)
 
     killed = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "killed", **settings))
-    run.prepare_output_dir(killed)
-    trainer = run.build_trainer(killed)
-    trainer.add_callback(_KillAt(5))  # after checkpoint-4, before step 6
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    trainer = train_until_killed(killed, 5)  # after checkpoint-4, before step 6
     del trainer
     assert checkpoints.latest_complete_checkpoint(tmp_path / "killed").name == "checkpoint-4"
     resumed = killed.model_copy(update={"output": killed.output.model_copy(update={"resume": True})})

@@ -6,9 +6,9 @@ import inspect
 import pytest
 import torch
 import yaml
-from conftest import tiny_recipe
+from conftest import tiny_recipe, train_until_killed
 from safetensors.torch import load_file
-from transformers import TrainerCallback, get_scheduler
+from transformers import get_scheduler
 
 from zoft import checkpoints, run
 from zoft.config import NATURAL_GALORE_DEFAULTS, recipe_to_yaml, validate_recipe
@@ -96,15 +96,6 @@ def test_recipe_run_is_bit_identical_to_natural_galore_driven_directly(tiny_llam
         opt.remove_hooks()
 
 
-class _KillAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt
-
-
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
@@ -116,11 +107,7 @@ def test_resume_through_the_trainer_equals_an_uninterrupted_run(tiny_llama_dir, 
     run.train(straight)
 
     killed = _recipe(tiny_llama_dir, sentiment_csv, tmp_path / "killed", **settings)
-    run.prepare_output_dir(killed)
-    trainer = run.build_trainer(killed)
-    trainer.add_callback(_KillAt(5))  # after checkpoint-4, before step 6
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    trainer = train_until_killed(killed, 5)  # after checkpoint-4, before step 6
     if layerwise:
         getattr(trainer.optimizer, "optimizer", trainer.optimizer).remove_hooks()
     del trainer

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe, train_recipe
-from test_mezo_trainer import _KillAt, _weights
+from conftest import tiny_recipe, train_recipe, train_until_killed
+from test_mezo_trainer import _weights
 from test_offload import batches, tiny
 from test_perturb import Quadratic, TwoLayer
 
@@ -224,11 +224,7 @@ def test_recipe_philox_trains_resumes_and_replays_bit_for_bit(tiny_llama_dir, se
     assert header["z_generator"] == "philox" and len(records) == 6
 
     killed = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "killed", **settings))
-    run.prepare_output_dir(killed)
-    trainer = run.build_trainer(killed)
-    trainer.add_callback(_KillAt(5))
-    with pytest.raises(KeyboardInterrupt):
-        trainer.train()
+    trainer = train_until_killed(killed, 5)
     del trainer
     assert checkpoints.latest_complete_checkpoint(tmp_path / "killed").name == "checkpoint-4"
     # An explicit other generator would draw other directions than the logged ones: refused.
