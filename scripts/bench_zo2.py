@@ -6,7 +6,10 @@ Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on CPU the process hig
 (VmHWM, reset after loading), per rank. On a CPU-only machine "offload" copies blocks CPU->CPU:
 it measures the code path's overhead only; the upload/compute overlap and the GPU saving need CUDA.
 "paired" rows run the +eps and -eps forwards as one forward of the doubled batch (zoft/zo/paired.py,
-the default with offload): each block is uploaded once per step instead of twice.
+the default with offload): each block is uploaded once per step instead of twice. z comes from the
+generator a recipe gets (``method.z_generator: auto``: Philox through the fused kernels on CUDA, torch
+on CPU). DistZO2 rows: PertP and DP on 2 ranks, 2D (2 x 2) on 4, and PertP with ZO2 offload and sliced
+uploads on 2; on CUDA a row needing more GPUs than are visible is skipped and says so.
 
     PYTHONPATH=$PWD python scripts/bench_zo2.py [--steps 3] [--batch 8] [--seq 64]
 """
@@ -65,10 +68,10 @@ def worker(args) -> None:
     offload, paired = "offload" in args.config, "paired" in args.config
     if offload:
         storage = torch.bfloat16 if "bf16" in args.config else None  # offload.storage_dtype (ZO2's AMP mode)
-        offloader = BlockOffloader(model, device, "cpu", storage_dtype=storage)
+        offloader = BlockOffloader(model, device, "cpu", storage_dtype=storage, sliced=distributed)
     else:
         model.to(device)
-    zo = ZOParameters(model, run_seed=0)
+    zo = ZOParameters(model, run_seed=0, z_generator="auto", compute_device=device)
     if offloader is not None:
         opt = DeferredMeZOOptimizer(zo, lr=1e-7, offloader=offloader)
     else:
@@ -116,7 +119,8 @@ def worker(args) -> None:
     elapsed = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else _hwm()
     rank = dist.get_rank() if distributed else 0
-    result = {"rank": rank, "seconds": elapsed, "peak": peak, "tokens_per_s": args.steps * args.batch * args.seq / elapsed}
+    result = {"rank": rank, "seconds": elapsed, "peak": peak, "tokens_per_s": args.steps * args.batch * args.seq / elapsed,
+              "z_generator": zo.z_generator}
     if offloader is not None:
         result["uploads_per_step"] = uploads / args.steps
         result["upload_mib_per_step"] = sent / args.steps / 2**20
@@ -130,6 +134,8 @@ def worker(args) -> None:
 
 
 def run_config(name, args, nproc=1, pp=1):
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count():
+        return f"skipped: needs {nproc} GPUs, {torch.cuda.device_count()} visible"
     out = f"/tmp/bench_zo2_{os.getpid()}_{name.replace(' ', '_')}"
     base = [__file__, "--worker", "--config", name, "--pp", str(pp),
             "--out", out, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
@@ -170,11 +176,18 @@ def main() -> None:
     if not args.skip_ranks:
         rows.append(("DistZO2 PertP, 2 ranks", run_config("pertp", args, nproc=2, pp=2)))
         rows.append(("DistZO2 DP, 2 ranks", run_config("dp", args, nproc=2, pp=1)))
+        rows.append(("DistZO2 2D (PertP 2 x DP 2), 4 ranks", run_config("2d", args, nproc=4, pp=2)))
+        rows.append(("DistZO2 PertP + ZO2 offload, sliced uploads, 2 ranks",
+                     run_config("pertp-offload", args, nproc=2, pp=2)))
     base = rows[0][1][0]
+    print(f"z generator: {base['z_generator']} (method.z_generator: auto)\n")
     mem = "GPU peak allocated" if cuda else "peak RSS per rank"
     print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory | block uploads / step | MiB uploaded / step |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, results in rows:
+        if isinstance(results, str):
+            print(f"| {name} | {results} | | | | | |")
+            continue
         tps = results[0]["tokens_per_s"]
         peak = max(r["peak"] for r in results)
         uploads, mib = results[0].get("uploads_per_step"), results[0].get("upload_mib_per_step")
@@ -182,8 +195,8 @@ def main() -> None:
               f"{'-' if uploads is None else f'{uploads:.0f}'} | {'-' if mib is None else f'{mib:.0f}'} |")
     if not cuda:
         print("\nCPU only: offload copies blocks CPU->CPU, so its row is the code path's overhead; the "
-              "upload/compute overlap and the GPU memory saving cannot be measured here. The 2-rank rows "
-              "share the same cores as the 1-process row (1 thread per rank instead of 2).")
+              "upload/compute overlap and the GPU memory saving cannot be measured here. The rank rows "
+              "share the same cores as the 1-process row (1 thread per rank; 4 ranks oversubscribe 2 cores).")
 
 
 if __name__ == "__main__":

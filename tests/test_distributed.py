@@ -188,3 +188,40 @@ def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_l
         # half of one process's bytes per upload (PertP: each rank runs half the forwards, so compare per upload)
         per_upload = trainer.offloader.uploaded_bytes / trainer.offloader.uploads
         assert abs(info["uploaded_bytes"] / info["uploads"] - per_upload / 2) <= 2
+
+
+def test_offloaded_model_with_the_gpu_device_map_trains_evaluates_and_saves_on_two_ranks(tiny_llama_dir, sentiment_csv,
+                                                                                         tmp_path):
+    """On GPUs the offloader gives the model a two-entry hf_device_map, which accelerate refuses to prepare in
+    distributed mode ("You can't train a model that has been loaded with device_map='auto'..."). DistZO2
+    exchanges scalars only, so the trainer must not hand the model to accelerate's DDP: the run trains,
+    evaluates and saves, and ends with the weights of one process."""
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file
+
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    def recipe(out, **sections):
+        return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
+                           offload={"device": "cpu"}, **sections)
+
+    single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
+    run.prepare_output_dir(single)
+    trainer = run.build_trainer(single)
+    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    path = tmp_path / "pertp.json"
+    path.write_text(json.dumps(recipe(str(tmp_path / "two"), distributed={"perturbation_parallel": 2,
+                                                                           "checksum_steps": 1})))
+    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt"), "gpu-map"])
+    two = torch.load(tmp_path / "two.pt")
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p.detach(), two[n]), n
+    losses = json.loads((tmp_path / "two.pt.eval.json").read_text())
+    assert losses == pytest.approx({"before": before, "after": after}, rel=1e-6)
+    assert after != before
+    saved = load_file(tmp_path / "two" / "model.safetensors")
+    assert all(torch.equal(saved[n], two[n]) for n in saved if n in two) and len(set(saved) & set(two)) > 10

@@ -93,3 +93,54 @@ def test_cli_plan_prints_the_table(tiny_llama_dir, sentiment_csv, tmp_path, caps
     assert "| mezo full + offload (bfloat16 storage) |" in out
     assert main(["plan", str(path), "offload.storage_dtype=bfloat16"]) == 0
     assert capsys.readouterr().out.startswith("zoft plan: mezo full + offload (bfloat16 storage)")
+
+
+def test_qzo_rows_equal_the_bytes_of_a_model_quantized_by_prepare_qzo_model():
+    from zoft.zo.qzo import prepare_qzo_model
+
+    for cfg, targets in [(CFG, "all-linear"), ({**CFG, "tie_word_embeddings": False}, ["q_proj", "down_proj"])]:
+        shape = model_shape(LlamaConfig(**cfg), nf4_target_modules=targets)
+        est = estimate(shape, method="qzo", lora=False, offload=False, batch=2, seq=16, nf4_blocksize=32)
+        torch.manual_seed(0)
+        real = LlamaForCausalLM(LlamaConfig(**cfg))
+        trained = prepare_qzo_model(real, "nf4", blocksize=32, target_modules=targets)
+        codes = sum(t.numel() for n, t in real.named_buffers() if n.endswith(".codes"))
+        scales = sum(p.numel() for p in real.parameters() if p.requires_grad)
+        # what is left as loaded: embeddings, norms, an untied lm_head, layers outside target_modules
+        rest = sum(p.numel() * p.element_size() for p in real.parameters()) - 4 * scales
+        assert est.label == "qzo NF4" and len(trained) > 0
+        assert est.gpu["weights (NF4 codes)"] == codes
+        assert est.gpu["weights (fp32 scales, trained)"] == 4 * scales
+        assert est.gpu["weights (not quantized)"] == rest
+        assert est.gpu["ZO temporaries"] == 2 * 4 * max(p.numel() for p in real.parameters() if p.requires_grad)
+        assert "gradients" not in est.gpu and "optimizer state" not in est.gpu
+
+
+def test_addax_keeps_one_gradient_and_the_larger_of_its_two_activation_sets():
+    from zoft.plan import activation_bytes
+
+    shape = model_shape(LlamaConfig(**CFG))
+    common = dict(method="addax", lora=False, offload=False, batch=4, seq=64)
+    long_heavy = estimate(shape, addax=(8, 2, 16), **common)
+    short_heavy = estimate(shape, addax=(1, 16, 48), **common)
+    assert long_heavy.gpu["gradients (one tensor at a time)"] == 4 * shape.largest_tensor  # not 4 x all params
+    assert "optimizer state" not in long_heavy.gpu
+    key = "activations (max of ZO long / FO short batch)"
+    assert long_heavy.gpu[key] == activation_bytes(shape, 8, 64, 4, stored=False)
+    assert short_heavy.gpu[key] == activation_bytes(shape, 16, 48, 4, stored=True)
+    adam = estimate(shape, method="adamw", lora=False, offload=False, batch=4, seq=64)
+    assert long_heavy.gpu_total < adam.gpu_total
+
+
+def test_cli_plan_of_qzo_and_addax_recipes_puts_their_own_row_first(tiny_llama_dir, sentiment_csv, tmp_path, capsys):
+    from zoft.cli import main
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "out")))
+    assert main(["plan", str(path), "method.name=qzo", "model.quantization=nf4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("zoft plan: qzo NF4\n") and "| weights (NF4 codes) |" in out
+    assert out.split("| setting |")[1].splitlines()[2].startswith("| qzo NF4 |")
+    assert main(["plan", str(path), "method.name=addax", "method.length_threshold=16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("zoft plan: addax full\n") and "| gradients (one tensor at a time) |" in out

@@ -5,7 +5,9 @@ parameter counts are exact and nothing is downloaded beyond the config. Weights,
 masters, gradients and optimizer state are counted exactly from those shapes; activations use the
 approximations documented in :func:`activation_bytes` (eager attention, so an upper bound for
 SDPA/flash attention). The table compares the recipe's setting with the alternatives (MeZO full,
-MeZO + LoRA, AdamW full, LoRA + AdamW; with and without ZO2 offload) and says what fits.
+MeZO + LoRA, AdamW full, LoRA + AdamW; with and without ZO2 offload) and says what fits. QZO
+(NF4 codes + fp32 block scales) and Addax (in-place SGD: one gradient alive at a time) have their
+own rows when the recipe uses them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ class ModelShape:
     heads: int
     vocab: int
     lora_params: int = 0
+    # numel of each nn.Linear weight QZO quantizes ("all-linear": not lm_head, not a tied weight)
+    nf4_linear_weights: tuple[int, ...] = ()
 
 
 @dataclass
@@ -53,13 +57,16 @@ class Estimate:
         return sum(self.cpu.values())
 
 
-def model_shape(config, *, task: str = "causal_lm", lora: dict | None = None) -> ModelShape:
+def model_shape(
+    config, *, task: str = "causal_lm", lora: dict | None = None, nf4_target_modules="all-linear"
+) -> ModelShape:
     """Build ``config``'s model on the meta device and measure it.
 
     Args:
         config: a ``transformers.PretrainedConfig``.
         task: ``"causal_lm"`` or ``"sequence_classification"``.
         lora: LoRA settings (``r``, ``target_modules``) to count adapter parameters; ``None``: no LoRA.
+        nf4_target_modules: the linear layers QZO would quantize (``model.quantization_target_modules``).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -89,10 +96,19 @@ def model_shape(config, *, task: str = "causal_lm", lora: dict | None = None) ->
         intermediate=inter,
         heads=heads,
         vocab=text.vocab_size,
+        nf4_linear_weights=_nf4_linear_weights(model, nf4_target_modules),
     )
     if lora is not None:
         shape.lora_params = _lora_params(model, lora)
     return shape
+
+
+def _nf4_linear_weights(model: nn.Module, target_modules) -> tuple[int, ...]:
+    """The weights ``zoft.zo.quant4bit.quantize_model_nf4`` turns into NF4."""
+    from zoft.zo.quant4bit import quantized_linear_names
+
+    modules = dict(model.named_modules())
+    return tuple(modules[name].weight.numel() for name in quantized_linear_names(model, target_modules)[0])
 
 
 def _lora_params(model: nn.Module, lora: dict) -> int:
@@ -133,12 +149,15 @@ def estimate(
     dtype: str = "float32",
     paired: bool | None = None,
     storage_dtype: str | None = None,
+    nf4_blocksize: int = 64,
+    addax: tuple[int, int, int] | None = None,
 ) -> Estimate:
     """Peak GPU and CPU memory of one setting.
 
     Args:
         shape: from :func:`model_shape` (with ``lora`` counted if ``lora`` is set).
-        method: ``"mezo"`` (zeroth-order) or ``"adamw"`` / ``"sgd"`` (first-order).
+        method: ``"mezo"`` / ``"qzo"`` / ``"addax"`` (zeroth-order) or ``"adamw"`` / ``"sgd"`` /
+            ``"natural_galore"`` (first-order; natural_galore is counted as AdamW, an upper bound).
         lora: train LoRA adapters only.
         offload: ZO2 (blocks in CPU memory; two blocks resident: the computing and the prefetched one).
         batch, seq: per-device batch size and tokens per example.
@@ -147,15 +166,27 @@ def estimate(
             ``None``: with offload, as ``paired_forward: auto``.
         storage_dtype: with ``offload``, the dtype the offloaded blocks are stored in (``offload.storage_dtype``);
             ``None``: ``dtype``. Resident blocks compute in ``dtype``.
+        nf4_blocksize: qzo: weights per fp32 scale (``model.quantization_blocksize``).
+        addax: addax: ``(K0 long sequences, K1 short sequences, L_T tokens)`` per step; the long batch
+            runs forwards only (at ``seq`` tokens), the short one a forward and backward at ``L_T``.
     """
     b = DTYPE_BYTES[dtype]
-    zo = method == "mezo"
+    zo = method in ("mezo", "qzo", "addax")
     trained = shape.lora_params if lora else shape.total_params
     stored = f" ({storage_dtype} storage)" if offload and storage_dtype else ""
-    label = f"{method}{' + LoRA' if lora else ' full'}{' + offload' if offload else ''}{stored}"
+    name = "qzo NF4" if method == "qzo" else method
+    label = f"{name}{' + LoRA' if lora else ' full' if method != 'qzo' else ''}{' + offload' if offload else ''}{stored}"
     est = Estimate(label)
     weights = shape.total_params * b
-    if offload:
+    if method == "qzo":
+        # 4-bit codes (two per byte) + one fp32 scale per block of each quantized weight; the rest as loaded.
+        quantized = sum(shape.nf4_linear_weights)
+        trained = sum(-(-n // nf4_blocksize) for n in shape.nf4_linear_weights)
+        est.gpu["weights (NF4 codes)"] = sum(-(-n // 2) for n in shape.nf4_linear_weights)
+        est.gpu["weights (fp32 scales, trained)"] = trained * 4
+        est.gpu["weights (not quantized)"] = (shape.total_params - quantized) * b
+        est.gpu["dequantized weight (one layer, fp32)"] = max(shape.nf4_linear_weights, default=0) * 4
+    elif offload:
         resident = (shape.total_params - shape.block_params + 2 * shape.largest_block_params) * b
         est.gpu["weights"] = resident
         est.cpu["weights (offloaded blocks)"] = shape.block_params * DTYPE_BYTES[storage_dtype or dtype]
@@ -163,26 +194,38 @@ def estimate(
             est.gpu["upload staging"] = shape.largest_block_params * DTYPE_BYTES[storage_dtype]
     else:
         est.gpu["weights"] = weights
-    if b != 4:
+    if b != 4 and method != "qzo":  # qzo's scales are fp32 already
         # fp32 masters of what is trained; with offload they live with the stored blocks.
         (est.cpu if offload and not lora else est.gpu)["fp32 masters"] = trained * 4
+    largest = min(shape.largest_tensor, trained)
+    if method == "qzo":  # the scales of the biggest quantized layer
+        largest = -(-max(shape.nf4_linear_weights, default=0) // nf4_blocksize)
     if zo and (offload if paired is None else paired):
         # theta + eps z and theta - eps z of a tied embedding (kept for both its users) and of the module
         # computing, an upper bound; the activations of the doubled batch [x; x].
-        largest = min(shape.largest_tensor, trained)
         est.gpu["ZO temporaries"] = 4 * largest * 4
         est.gpu["activations (paired: doubled batch)"] = activation_bytes(shape, 2 * batch, seq, b, stored=False)
+    elif method == "addax":
+        k0, k1, threshold = addax
+        # In-place SGD during the backward: one parameter's gradient alive at a time. The long (ZO) and
+        # short (first-order) batches run one after the other, so the larger activation set is the peak.
+        est.gpu["ZO temporaries"] = 2 * largest * 4
+        est.gpu["gradients (one tensor at a time)"] = largest * b
+        est.gpu["activations (max of ZO long / FO short batch)"] = max(
+            activation_bytes(shape, k0, seq, b, stored=False),
+            activation_bytes(shape, k1, min(threshold, seq), b, stored=True),
+        )
     elif zo:
         # theta + eps z of the largest trained tensor, plus z for the update.
-        largest = min(shape.largest_tensor, trained)
         est.gpu["ZO temporaries"] = 2 * largest * 4
         est.gpu["activations"] = activation_bytes(shape, batch, seq, b, stored=False)
     else:
         est.gpu["gradients"] = trained * b
-        est.gpu["optimizer state"] = trained * (ADAMW_STATE_BYTES if method == "adamw" else 0)
+        est.gpu["optimizer state"] = trained * (ADAMW_STATE_BYTES if method in ("adamw", "natural_galore") else 0)
         est.gpu["activations"] = activation_bytes(shape, batch, seq, b, stored=True)
     if not offload:
-        # from_pretrained materializes the weights in host memory before they move to the GPU.
+        # from_pretrained materializes the weights in host memory before they move to the GPU (qzo too:
+        # the model is loaded in full precision, then quantized).
         est.cpu["weights while loading"] = weights
     return est
 
@@ -273,7 +316,7 @@ def shape_of_recipe(recipe, lora: dict | None = None) -> ModelShape:
     config = AutoConfig.from_pretrained(
         resolve_model_name(m.name), revision=m.revision, trust_remote_code=m.trust_remote_code
     )
-    return model_shape(config, task=m.task, lora=lora)
+    return model_shape(config, task=m.task, lora=lora, nf4_target_modules=m.quantization_target_modules)
 
 
 def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = None) -> str:
@@ -283,7 +326,7 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
         recipe: the recipe.
         gpu_free, cpu_free: override the measured free memory (bytes), e.g. to plan for another machine.
     """
-    m = recipe.model
+    m, method = recipe.model, recipe.method
     lora_cfg = None
     if recipe.peft is not None and recipe.peft.method == "lora":
         lora_cfg = {"r": recipe.peft.r, "target_modules": recipe.peft.target_modules}
@@ -292,18 +335,27 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
     cuda = torch.cuda.is_available()
     gpu_free = measured_gpu if gpu_free is None else gpu_free
     cpu_free = measured_cpu if cpu_free is None else cpu_free
-    common = dict(batch=recipe.train.per_device_train_batch_size, seq=recipe.data.max_length, dtype=m.dtype)
+    batch, seq = recipe.train.per_device_train_batch_size, recipe.data.max_length
+    common = dict(batch=batch, seq=seq, dtype=m.dtype)
     storage = recipe.offload.storage_dtype if recipe.offload is not None else None
+    addax = None
+    if method.name == "addax":  # 'auto' picks L_T from a budget at run time: plan for the longest
+        threshold = seq if method.length_threshold == "auto" else method.length_threshold
+        addax = (method.zo_batch_size or batch, method.fo_batch_size or batch, threshold)
     chosen = estimate(
         shape,
-        method=recipe.method.name,
+        method=method.name,
         lora=lora_cfg is not None,
         offload=recipe.offload is not None,
         paired=recipe.uses_paired_forward,
         storage_dtype=storage,
+        nf4_blocksize=m.quantization_blocksize,
+        addax=addax,
         **common,
     )
-    fo = recipe.method.name if not recipe.method.is_zeroth_order else "adamw"
+    if method.name == "qzo" and m.quantization is None:  # an NF4 folder loads as stored
+        chosen.cpu["weights while loading"] = sum(v for k, v in chosen.gpu.items() if k.startswith("weights"))
+    fo = method.name if not method.is_zeroth_order else "adamw"
     alternatives = [
         estimate(shape, method="mezo", lora=False, offload=False, **common),
         estimate(shape, method="mezo", lora=False, offload=True, **common),
@@ -315,4 +367,6 @@ def plan_recipe(recipe, *, gpu_free: int | None = None, cpu_free: int | None = N
     if m.dtype == "float32":  # offload.storage_dtype needs a float32 model
         bf16_storage = estimate(shape, method="mezo", lora=False, offload=True, storage_dtype="bfloat16", **common)
         alternatives.insert(2, bf16_storage)
+    if method.name in ("qzo", "addax"):
+        alternatives.insert(0, chosen)
     return render(chosen, alternatives, device=device, gpu_free=gpu_free, cpu_free=cpu_free, cuda=cuda)

@@ -3,13 +3,16 @@
 Only public override points are used: ``training_step`` (the ZO step: perturbed forwards, no
 backward), ``create_optimizer`` (the ZO update sits in HF's optimizer slot, so schedulers,
 logging, checkpointing, gradient accumulation and ``resume_from_checkpoint`` work unchanged),
-``compute_loss`` / ``prediction_step`` (verbalizer classification) and ``evaluate`` /
-``save_model`` (pending updates are applied first). With ``zo=None`` it is HF's Trainer.
+``compute_loss`` / ``prediction_step`` (verbalizer classification) and ``train`` / ``evaluate`` /
+``save_model`` (pending updates are applied first; DistZO2 models are prepared without DDP).
+With ``zo=None`` it is HF's Trainer.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -34,6 +37,9 @@ from zoft.zo.trajectory import TrajectoryWriter, trajectory_header
 
 if TYPE_CHECKING:
     from zoft.privacy.trainer_dp import PrivacyConfig, PrivacyEngine
+
+
+_BYPASS_DEVICE_MAP = "ACCELERATE_BYPASS_DEVICE_MAP"
 
 
 def classification_accuracy(eval_pred) -> dict[str, float]:
@@ -146,8 +152,6 @@ class ZoftTrainer(Trainer):
         was_training = model.training
         model.eval()  # dropout off: both forwards must see the same function
         cfg, dzo = self.zo_config, self.zo_distributed
-        if dzo is not None:  # DistZO2: scalars only, so DDP's forward wrapper is bypassed
-            model = getattr(model, "module", model)
         try:
             if cfg.paired_forward:  # one forward of [x; x]: +eps on the first half, -eps on the second
                 rows, seq_len = self._model_batch_shape(inputs)
@@ -351,9 +355,40 @@ class ZoftTrainer(Trainer):
         if self.zo_optimizer is not None:
             self.zo_optimizer.flush()
 
+    @contextlib.contextmanager
+    def _distzo_model_without_ddp(self):
+        """DistZO2 on several processes: accelerate adds autocast/compile to the model, but not DDP.
+
+        DistZO2 exchanges scalars only; seeded shared randomness keeps the weights equal on every
+        rank (checked by the periodic checksum), so DDP's wrapper would only cost a broadcast and
+        gradient buckets. It is also what cannot work with ZO2 offload on GPUs: DDP wants a module on
+        one device type, and accelerate refuses any model with a multi-entry ``hf_device_map`` in
+        distributed mode, which the offloader sets so HF leaves its CPU blocks in place. Inside this
+        context accelerate's own switch for such maps (``ACCELERATE_BYPASS_DEVICE_MAP``) is on: the
+        blocks are zoft's, not accelerate's big-model hooks.
+        """
+        if self.zo_distributed is None or self.accelerator.num_processes == 1:
+            yield
+            return
+        previous = os.environ.get(_BYPASS_DEVICE_MAP)
+        os.environ[_BYPASS_DEVICE_MAP] = "true"
+        try:
+            if not getattr(self.model, "_is_accelerate_prepared", False):
+                # prepared once here, HF's later accelerator.prepare(model, ...) returns it unwrapped
+                self.model_wrapped = self.accelerator.prepare_model(
+                    self.model, device_placement=False, evaluation_mode=True
+                )
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(_BYPASS_DEVICE_MAP, None)
+            else:
+                os.environ[_BYPASS_DEVICE_MAP] = previous
+
     def evaluate(self, *args, **kwargs):
         self._flush_zo()
-        return super().evaluate(*args, **kwargs)
+        with self._distzo_model_without_ddp():
+            return super().evaluate(*args, **kwargs)
 
     def save_model(self, output_dir=None, _internal_call=False):
         self._flush_zo()
@@ -373,7 +408,8 @@ class ZoftTrainer(Trainer):
             )
             self._trajectory = TrajectoryWriter(self.trajectory_path, header, resume_step=resume_step)
         try:
-            result = super().train(resume_from_checkpoint, *args, **kwargs)
+            with self._distzo_model_without_ddp():
+                result = super().train(resume_from_checkpoint, *args, **kwargs)
             self._flush_zo()  # a deferred (ZO2) update of the last step lands before anyone reads the model
             return result
         finally:

@@ -457,6 +457,34 @@ def _detach_hf_quantizer(model: nn.Module, skipped: list[str]) -> None:
     }
 
 
+def quantized_linear_names(
+    model: nn.Module,
+    target_modules: str | Sequence[str] = "all-linear",
+    skip: Sequence[str] = ("lm_head",),
+) -> tuple[list[str], list[str]]:
+    """Which ``nn.Linear`` layers :func:`quantize_model_nf4` replaces: ``(quantized, left as they are)``.
+
+    Linear layers whose weight is shared with another module (e.g. an ``lm_head`` tied to the embeddings)
+    are left as they are: quantizing them would untie the pair. Also used by ``zoft plan`` on a
+    meta-device model.
+    """
+    if isinstance(target_modules, str) and target_modules != "all-linear":
+        target_modules = [target_modules]
+    shared: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        shared[id(p)] = shared.get(id(p), 0) + 1
+    quantized, left = [], []
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear:
+            continue
+        wanted = target_modules == "all-linear" or _matches(name, target_modules)
+        if not wanted or _matches(name, skip) or shared.get(id(module.weight), 0) > 1:
+            left.append(name)
+        else:
+            quantized.append(name)
+    return quantized, left
+
+
 def quantize_model_nf4(
     model: nn.Module,
     target_modules: str | Sequence[str] = "all-linear",
@@ -465,15 +493,12 @@ def quantize_model_nf4(
 ) -> list[str]:
     """Replace ``nn.Linear`` layers of a model by :class:`NF4Linear`, in place.
 
-    Linear layers whose weight is shared with another module (e.g. an ``lm_head`` tied to the embeddings)
-    are left as they are: quantizing them would untie the pair.
-
     Args:
         model: the model (fp32 or bf16); a Hugging Face model also gets a bitsandbytes
             ``config.quantization_config`` so ``save_pretrained`` writes a loadable 4-bit checkpoint.
         target_modules: ``"all-linear"`` or module-name suffixes (``["q_proj", "v_proj"]``).
         blocksize: values per scale block (bitsandbytes' default 64).
-        skip: module-name suffixes never to quantize.
+        skip: module-name suffixes never to quantize (see :func:`quantized_linear_names`).
 
     Returns:
         The names of the replaced modules.
@@ -482,26 +507,15 @@ def quantize_model_nf4(
         ZoftError: if nothing matched ``target_modules``.
     """
     _check_blocksize(blocksize)
-    if isinstance(target_modules, str) and target_modules != "all-linear":
-        target_modules = [target_modules]
-    shared: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        shared[id(p)] = shared.get(id(p), 0) + 1
-    replaced, unconverted = [], []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear:
-            continue
-        wanted = target_modules == "all-linear" or _matches(name, target_modules)
-        if not wanted or _matches(name, skip) or shared.get(id(module.weight), 0) > 1:
-            unconverted.append(name)
-            continue
-        _replace(model, name, NF4Linear.from_linear(module, blocksize))
-        replaced.append(name)
+    replaced, unconverted = quantized_linear_names(model, target_modules, skip)
     if not replaced:
         raise ZoftError(
             f"no nn.Linear layer matched target_modules={target_modules!r} (skip={list(skip)}); "
             "use 'all-linear' or suffixes of the model's linear layer names"
         )
+    modules = dict(model.named_modules())
+    for name in replaced:
+        _replace(model, name, NF4Linear.from_linear(modules[name], blocksize))
     _detach_hf_quantizer(model, unconverted)
     return replaced
 
