@@ -57,6 +57,22 @@ def test_two_gloo_ranks_end_with_the_weights_of_the_single_process_run(single_pr
         assert r0["scalars_sent"] == 3 * 2 + 4
 
 
+def test_2d_layout_on_four_gloo_ranks_matches_the_single_process_run(single_process, tmp_path):
+    """PertP 2 x DP 2: ranks (dp index, sign) each run one forward of half the batch; 4 losses meet."""
+    ref_log, ref_state = single_process
+    out = str(tmp_path / "run")
+    torchrun([str(HERE / "distzo_worker.py"), "train", "2", out], nproc=4)
+    logs = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(4)]
+    assert all(r["log"] == logs[0]["log"] for r in logs)  # one trajectory on every rank
+    assert all(r["scalars_sent"] == 3 * 1 + 4 for r in logs)  # one loss per rank and step, 4 checksums
+    # the DP bound of test_two_gloo_ranks_...[dp]: mean of half-batch losses vs the full-batch loss
+    dg = [abs(a["coefficients"][0][1] - b["coefficients"][0][1]) for a, b in zip(ref_log, logs[0]["log"])]
+    assert max(dg) < 1e-4
+    state = torch.load(out + ".pt")
+    for n, t in ref_state.items():
+        assert (t - state[n]).abs().max().item() <= 1e-2 * sum(dg) * 6 + 1e-7, n
+
+
 def test_data_parallel_ranks_with_the_paired_forward_match_their_two_forward_run(tmp_path):
     out = str(tmp_path / "paired")
     torchrun([str(HERE / "distzo_worker.py"), "train-paired", "1", out])

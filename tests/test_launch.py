@@ -137,24 +137,35 @@ def test_accelerate_launch_with_the_cpu_preset_is_the_same_ddp_run(setup, adamw_
     _assert_same_metrics(metrics, root / "adamw-accelerate")
 
 
-def test_mezo_under_torchrun_trains_with_distzo2_data_parallelism(setup):
-    root, recipe_file = setup
+@pytest.fixture(scope="module")
+def mezo_reference(setup):
+    root, _ = setup
     _, adapter = _single_process(setup, "mezo-one", method="mezo")
-    proc = _launch(TORCHRUN, recipe_file("mezo-torchrun", method="mezo"))
+    from zoft.zo.trajectory import read_trajectory
+
+    return adapter, read_trajectory(root / "mezo-one" / "trajectory.jsonl")[1]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_mezo_under_a_launcher_trains_with_distzo2_data_parallelism(setup, mezo_reference, launcher):
+    root, recipe_file = setup
+    adapter, one = mezo_reference
+    name = f"mezo-{launcher}"
+    proc = _launch(TORCHRUN if launcher == "torchrun" else ACCELERATE, recipe_file(name, method="mezo"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("zoft: 2 processes: zeroth-order data parallelism (DistZO2") == 1
     from zoft.zo.trajectory import read_trajectory
 
-    (_, one), (_, two) = (read_trajectory(root / n / "trajectory.jsonl") for n in ("mezo-one", "mezo-torchrun"))
+    two = read_trajectory(root / name / "trajectory.jsonl")[1]
     assert [r["step"] for r in two] == [0, 1, 2, 3]
     # The mean of two half-batch losses is the full-batch loss up to fp32 rounding (~6e-8), so the
     # projected gradient (L+ - L-) / 2eps, 2eps = 0.02, agrees to ~1e-5; plain DDP would not run
     # ZO at all, and ranks without DistZO2 would each use their own half batch (g off by ~1e-1).
     dg = [abs(a["coefficients"][0][1] - b["coefficients"][0][1]) for a, b in zip(one, two)]
     assert max(dg) < 1e-4, dg
-    recorded = yaml.safe_load((root / "mezo-torchrun" / "recipe.yaml").read_text())
+    recorded = yaml.safe_load((root / name / "recipe.yaml").read_text())
     assert recorded["distributed"]["perturbation_parallel"] == 1  # the resolved recipe says what ran
-    _assert_same_adapter(adapter, root / "mezo-torchrun", tol=1e-2 * sum(dg) * 6 + 1e-7)  # lr * sum|dg| * |z|
+    _assert_same_adapter(adapter, root / name, tol=1e-2 * sum(dg) * 6 + 1e-7)  # lr * sum|dg| * |z|
 
 
 @needs_deepspeed

@@ -2,7 +2,18 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from zoft.errors import ZoftError
 from zoft.zo.estimate import spsa
@@ -20,6 +31,12 @@ def tiny(arch, seed=0):
                           num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
                           tie_word_embeddings=True)
         return LlamaForCausalLM(cfg).eval()
+    if arch in ("qwen2", "qwen3"):  # qwen2: q/k/v biases; qwen3: q/k norms inside attention
+        config, causal_lm = (Qwen2Config, Qwen2ForCausalLM) if arch == "qwen2" else (Qwen3Config, Qwen3ForCausalLM)
+        cfg = config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                     num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                     tie_word_embeddings=False)
+        return causal_lm(cfg).eval()
     if arch == "gpt2":
         cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=2, n_positions=64)
         return GPT2LMHeadModel(cfg).eval()
@@ -50,7 +67,7 @@ def run_mezo(model, data, *, offload=False, deferred=False, wd=0.0, flush=True):
     return log, opt, offloader
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2", "opt"])
 def test_offloaded_deferred_mezo_matches_in_memory_mezo_bit_for_bit(arch):
     data = batches(4)
     ref_model, off_model = tiny(arch), tiny(arch)
@@ -119,7 +136,8 @@ def test_offload_with_lora_adapters_matches_in_memory_run():
         assert torch.equal(x, y), n
 
 
-@pytest.mark.parametrize("arch,expected", [("llama", "model.layers"), ("gpt2", "transformer.h"),
+@pytest.mark.parametrize("arch,expected", [("llama", "model.layers"), ("qwen2", "model.layers"),
+                                           ("qwen3", "model.layers"), ("gpt2", "transformer.h"),
                                            ("opt", "model.decoder.layers")])
 def test_block_list_is_found_generically(arch, expected):
     name, blocks = find_transformer_blocks(tiny(arch))

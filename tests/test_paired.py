@@ -77,7 +77,7 @@ def test_paired_estimate_with_philox_z_equals_the_two_forward_philox_estimate():
     assert spsa(torch_zo, lambda: model(**batch).loss, step=2, eps=EPS)[0] != ref[0]  # another z
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "lora"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2", "opt", "lora"])
 def test_paired_estimate_equals_the_two_forward_estimate_bit_for_bit(arch):
     model = build(arch)
     zo = ZOParameters(model, run_seed=3)
@@ -182,7 +182,7 @@ def run_paired(model, data, *, offload=False, deferred=False, paired_forward=Tru
     return log, opt, offloader, uploads, z_per_step
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gpt2", "opt"])
 def test_offloaded_paired_run_matches_in_memory_paired_run_and_uploads_each_block_once_per_step(arch):
     data = [causal_lm_batch(seed) for seed in range(4)]
     ref_model, off_model, two_model = tiny(arch), tiny(arch), tiny(arch)
