@@ -241,3 +241,32 @@ def test_offloaded_model_with_the_gpu_device_map_trains_evaluates_and_saves_on_t
     assert after != before
     saved = load_file(tmp_path / "two" / "model.safetensors")
     assert all(torch.equal(saved[n], two[n]) for n in saved if n in two) and len(set(saved) & set(two)) > 10
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_two_gpus_with_nccl_run_an_offloaded_pertp_recipe_like_one_gpu(tiny_llama_dir, sentiment_csv, tmp_path):
+    """The GPU form of the device-map test above: NCCL, blocks in pinned CPU memory, sliced uploads."""
+    from conftest import tiny_recipe
+
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    def recipe(out, **sections):
+        return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
+                           offload={"device": "cpu"}, **sections)
+
+    single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
+    run.prepare_output_dir(single)
+    trainer = run.build_trainer(single)
+    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    trainer.train()
+    path = tmp_path / "pertp.json"
+    path.write_text(json.dumps(recipe(str(tmp_path / "two"), distributed={"perturbation_parallel": 2,
+                                                                           "checksum_steps": 1})))
+    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt")])
+    two = torch.load(tmp_path / "two.pt")
+    info = json.loads((tmp_path / "two.pt.json").read_text())
+    assert info["sliced"]
+    for n, p in trainer.model.named_parameters():
+        assert torch.allclose(p.detach().cpu(), two[n].cpu(), atol=1e-5), n

@@ -203,6 +203,37 @@ def test_recipe_with_offload_trains_exactly_like_the_in_memory_recipe(tiny_llama
         assert torch.equal(a, b), n
 
 
+@pytest.mark.gpu
+def test_cuda_recipe_with_offload_evaluates_trains_and_saves_like_the_in_memory_cuda_recipe(
+    tiny_llama_dir, sentiment_csv, tmp_path
+):
+    """`zoft train` on a GPU with `offload: cpu`: HF's Trainer leaves the CPU blocks where they are (the
+    offloader's device map), evaluation and save see the last update, and the result is the in-memory
+    CUDA run's (same Philox z; paired vs two forwards and the fused update differ by rounding only)."""
+    from conftest import tiny_recipe
+    from safetensors.torch import load_file
+
+    from zoft import run
+    from zoft.config import validate_recipe
+    from zoft.zo.trajectory import read_trajectory
+
+    def train(name, **sections):
+        recipe = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / name,
+                                             evaluation={"before": True, "after": True}, **sections))
+        metrics = run.train(recipe)
+        return metrics, load_file(tmp_path / name / "model.safetensors")
+
+    plain, plain_w = train("plain")
+    off, off_w = train("off", offload={"device": "cpu"})
+    assert read_trajectory(tmp_path / "off" / "trajectory.jsonl")[0]["z_generator"] == "philox"
+    for when in ("before", "after"):
+        assert off[when]["eval_loss"] == pytest.approx(plain[when]["eval_loss"], abs=1e-4)
+    assert off["after"]["eval_loss"] != off["before"]["eval_loss"]
+    assert off_w.keys() == plain_w.keys()
+    for n, w in plain_w.items():
+        assert torch.allclose(off_w[n], w, atol=1e-5), n
+
+
 def test_offload_with_a_first_order_method_is_refused_in_one_line(tiny_llama_dir, sentiment_csv, tmp_path):
     from conftest import tiny_recipe
 
