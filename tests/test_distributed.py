@@ -168,29 +168,42 @@ def test_pertp_sampler_gives_partner_ranks_the_same_batch_under_round_robin_shar
         assert [own[i : i + bs] for i in range(0, len(own), bs)] == per_rank[r]
 
 
+def _pertp_recipe(model_dir, data, out, offload, **sections):
+    from conftest import tiny_recipe
+
+    return tiny_recipe(model_dir, data, out, train={"save_strategy": "no", "max_steps": 3}, offload=offload,
+                       **sections)
+
+
+def _one_process_pertp_trainer(model_dir, data, tmp_path, offload):
+    """The reference, built but not trained: a 1-process DistZO with the PertP-ordered sampler's layout."""
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    recipe = validate_recipe(_pertp_recipe(model_dir, data, tmp_path / "one", offload,
+                                           distributed={"perturbation_parallel": 1}))
+    run.prepare_output_dir(recipe)
+    trainer = run.build_trainer(recipe)
+    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    return trainer
+
+
+def _two_rank_pertp_run(model_dir, data, tmp_path, offload, *worker_args):
+    """The same recipe with PertP on 2 ranks under torchrun (tests/distzo_trainer_worker.py); rank 0's weights."""
+    path = tmp_path / "pertp.json"
+    path.write_text(json.dumps(_pertp_recipe(model_dir, data, str(tmp_path / "two"), offload,
+                                             distributed={"perturbation_parallel": 2, "checksum_steps": 1})))
+    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt"), *worker_args])
+    return torch.load(tmp_path / "two.pt")
+
+
 @pytest.mark.parametrize("offload", [None, {"device": "cpu", "storage_dtype": "bfloat16"}], ids=["memory", "zo2-bf16"])
 def test_recipe_with_pertp_under_torchrun_trains_exactly_like_one_process(tiny_llama_dir, sentiment_csv, tmp_path,
                                                                           offload):
     """With offload: bf16 storage, and on 2 ranks sliced uploads (auto), against one process without slicing."""
-    from conftest import tiny_recipe
-
-    from zoft import run
-    from zoft.config import validate_recipe
-
-    def recipe(out, **sections):
-        return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
-                           offload=offload, **sections)
-
-    single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
-    run.prepare_output_dir(single)
-    trainer = run.build_trainer(single)  # a 1-process DistZO with the PertP-ordered sampler's layout
-    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    trainer = _one_process_pertp_trainer(tiny_llama_dir, sentiment_csv, tmp_path, offload)
     trainer.train()
-    path = tmp_path / "pertp.json"
-    path.write_text(json.dumps(recipe(str(tmp_path / "two"), distributed={"perturbation_parallel": 2,
-                                                                           "checksum_steps": 1})))
-    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt")])
-    two = torch.load(tmp_path / "two.pt")
+    two = _two_rank_pertp_run(tiny_llama_dir, sentiment_csv, tmp_path, offload)
     from zoft.zo.trajectory import read_trajectory
 
     assert read_trajectory(tmp_path / "one" / "trajectory.jsonl")[1] == read_trajectory(
@@ -212,28 +225,13 @@ def test_offloaded_model_with_the_gpu_device_map_trains_evaluates_and_saves_on_t
     distributed mode ("You can't train a model that has been loaded with device_map='auto'..."). DistZO2
     exchanges scalars only, so the trainer must not hand the model to accelerate's DDP: the run trains,
     evaluates and saves, and ends with the weights of one process."""
-    from conftest import tiny_recipe
     from safetensors.torch import load_file
 
-    from zoft import run
-    from zoft.config import validate_recipe
-
-    def recipe(out, **sections):
-        return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
-                           offload={"device": "cpu"}, **sections)
-
-    single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
-    run.prepare_output_dir(single)
-    trainer = run.build_trainer(single)
-    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    trainer = _one_process_pertp_trainer(tiny_llama_dir, sentiment_csv, tmp_path, {"device": "cpu"})
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()["eval_loss"]
-    path = tmp_path / "pertp.json"
-    path.write_text(json.dumps(recipe(str(tmp_path / "two"), distributed={"perturbation_parallel": 2,
-                                                                           "checksum_steps": 1})))
-    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt"), "gpu-map"])
-    two = torch.load(tmp_path / "two.pt")
+    two = _two_rank_pertp_run(tiny_llama_dir, sentiment_csv, tmp_path, {"device": "cpu"}, "gpu-map")
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p.detach(), two[n]), n
     losses = json.loads((tmp_path / "two.pt.eval.json").read_text())
@@ -247,25 +245,9 @@ def test_offloaded_model_with_the_gpu_device_map_trains_evaluates_and_saves_on_t
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 def test_two_gpus_with_nccl_run_an_offloaded_pertp_recipe_like_one_gpu(tiny_llama_dir, sentiment_csv, tmp_path):
     """The GPU form of the device-map test above: NCCL, blocks in pinned CPU memory, sliced uploads."""
-    from conftest import tiny_recipe
-
-    from zoft import run
-    from zoft.config import validate_recipe
-
-    def recipe(out, **sections):
-        return tiny_recipe(tiny_llama_dir, sentiment_csv, out, train={"save_strategy": "no", "max_steps": 3},
-                           offload={"device": "cpu"}, **sections)
-
-    single = validate_recipe(recipe(tmp_path / "one", distributed={"perturbation_parallel": 1}))
-    run.prepare_output_dir(single)
-    trainer = run.build_trainer(single)
-    trainer._get_train_sampler = lambda *a, **k: PertPSampler(len(trainer.train_dataset), 4, 1, 7)
+    trainer = _one_process_pertp_trainer(tiny_llama_dir, sentiment_csv, tmp_path, {"device": "cpu"})
     trainer.train()
-    path = tmp_path / "pertp.json"
-    path.write_text(json.dumps(recipe(str(tmp_path / "two"), distributed={"perturbation_parallel": 2,
-                                                                           "checksum_steps": 1})))
-    torchrun([str(HERE / "distzo_trainer_worker.py"), str(path), str(tmp_path / "two.pt")])
-    two = torch.load(tmp_path / "two.pt")
+    two = _two_rank_pertp_run(tiny_llama_dir, sentiment_csv, tmp_path, {"device": "cpu"})
     info = json.loads((tmp_path / "two.pt.json").read_text())
     assert info["sliced"]
     for n, p in trainer.model.named_parameters():
