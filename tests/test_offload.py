@@ -255,3 +255,43 @@ def test_offload_refuses_a_model_larger_than_cpu_memory_and_says_how_much_is_nee
     with pytest.raises(ZoftError, match=r"^offload: the model needs about 26\.0 GiB of CPU memory for its weights, "
                                         r"only 16\.0 GiB is available; use model.dtype: bfloat16"):
         check_cpu_memory(26 * 1024**3, 16 * 1024**3)
+    # DistZO2: every process on the machine holds its own copy
+    check_cpu_memory(5 * 1024**3, 11 * 1024**3, processes=2)
+    with pytest.raises(ZoftError, match=r"^offload: the 4 processes on this machine each keep the model in CPU "
+                                        r"memory: about 4 x 5\.0 = 20\.0 GiB, only 11\.0 GiB is available; "
+                                        r"use fewer processes per machine"):
+        check_cpu_memory(5 * 1024**3, 11 * 1024**3, processes=4)
+
+
+def test_local_world_size_reads_the_launchers_variable():
+    from zoft.launch import local_world_size
+
+    assert local_world_size({}) == 1
+    assert local_world_size({"WORLD_SIZE": "8"}) == 8  # one machine unless told otherwise
+    assert local_world_size({"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == 8
+
+
+def test_zoft_train_with_offload_refuses_too_little_cpu_memory_for_its_processes_before_loading(
+    tiny_llama_dir, sentiment_csv, tmp_path, monkeypatch, capsys
+):
+    import yaml
+    from conftest import tiny_recipe
+
+    from zoft import launch, plan
+    from zoft.cli import main
+    from zoft.config import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "out", offload="cpu")))
+    one_copy = plan.shape_of_recipe(load_recipe(str(path))).total_params * 4
+    monkeypatch.setattr(plan, "_cpu_available", lambda: int(1.5 * one_copy))  # room for one copy, not two
+    monkeypatch.setattr(launch, "local_world_size", lambda environ=None: 2)
+    loaded = []
+    monkeypatch.setattr("zoft.run.build_model_and_tokenizer", lambda *a, **k: loaded.append(1))
+    assert main(["train", str(path)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("zoft: error: offload: the 2 processes on this machine each keep the model in CPU "
+                              "memory: about 2 x ")
+    assert err[-1].endswith("use fewer processes per machine, model.dtype: bfloat16, a machine with more memory, "
+                            "or a smaller model")
+    assert not loaded  # refused before any weights were read

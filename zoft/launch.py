@@ -28,6 +28,15 @@ def world_size(environ: Mapping[str, str] | None = None) -> int:
         return 1
 
 
+def local_world_size(environ: Mapping[str, str] | None = None) -> int:
+    """Processes of this launch on this machine (``LOCAL_WORLD_SIZE``, set by torchrun and accelerate)."""
+    env = os.environ if environ is None else environ
+    try:
+        return max(int(env.get("LOCAL_WORLD_SIZE", world_size(env))), 1)
+    except ValueError:
+        return world_size(env)
+
+
 def rank() -> int:
     """This process's global rank: from the process group once it exists, else the launcher's RANK."""
     import torch.distributed as dist

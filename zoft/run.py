@@ -153,7 +153,12 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
         from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
         from zoft.zo.offload import check_cpu_memory
 
-        check_cpu_memory(shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype], _cpu_available())
+        needed = shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype]
+        # Rank 0 decides for all: ranks measuring while others load would disagree, and one refusing alone
+        # would leave the rest waiting in a collective.
+        launch.on_main_then_share(
+            lambda: check_cpu_memory(needed, _cpu_available(), processes=launch.local_world_size())
+        )
     tokenizer = data = None
     if _uses_lora_ga(recipe):  # issue 5: LoRA-GA's init needs training batches before the model is wrapped
         from zoft.models import load_tokenizer

@@ -505,19 +505,30 @@ def round_blocks_to_storage_(model: nn.Module, storage_dtype: torch.dtype) -> li
     return names
 
 
-def check_cpu_memory(needed_bytes: int, available_bytes: int) -> None:
+def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1) -> None:
     """Refuse to offload a model whose stored blocks do not fit in CPU memory.
+
+    Args:
+        needed_bytes: one process's copy of the model (it is loaded whole, then its blocks stay in CPU memory).
+        available_bytes: the machine's available memory.
+        processes: processes of the launch on this machine; each keeps its own copy (DistZO2 ranks do
+            not share host memory).
 
     Raises:
         ZoftError: one line with the memory needed and available.
     """
-    if needed_bytes > available_bytes:
+    if needed_bytes * processes > available_bytes:
         gib = 1024**3
-        raise ZoftError(
-            f"offload: the model needs about {needed_bytes / gib:.1f} GiB of CPU memory for its weights, "
-            f"only {available_bytes / gib:.1f} GiB is available; use model.dtype: bfloat16, "
-            "a machine with more memory, or a smaller model"
-        )
+        if processes == 1:
+            need = f"the model needs about {needed_bytes / gib:.1f} GiB of CPU memory for its weights"
+            fixes = "use model.dtype: bfloat16, a machine with more memory, or a smaller model"
+        else:
+            need = (
+                f"the {processes} processes on this machine each keep the model in CPU memory: about "
+                f"{processes} x {needed_bytes / gib:.1f} = {needed_bytes * processes / gib:.1f} GiB"
+            )
+            fixes = "use fewer processes per machine, model.dtype: bfloat16, a machine with more memory, or a smaller model"
+        raise ZoftError(f"offload: {need}, only {available_bytes / gib:.1f} GiB is available; {fixes}")
 
 
 def node_group(environ: Mapping[str, str] | None = None):
