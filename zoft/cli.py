@@ -40,9 +40,13 @@ def _parser() -> argparse.ArgumentParser:
 def _quiet_libraries() -> None:
     import logging
     import os
+    import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # peft reads transformers' deprecated `is_gradient_checkpointing` on every LoRA wrap; nothing a zoft
+    # user can act on (peft 0.21 / transformers 5.24), so the command line does not print it.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _report(e: ZoftError) -> None:
