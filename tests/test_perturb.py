@@ -125,17 +125,21 @@ def test_rademacher_directions_are_plus_minus_one_and_unbiased():
     assert abs(z.mean().item()) < 0.05
 
 
-def test_step_with_zero_learning_rate_leaves_every_parameter_exactly_as_it_was():
+@pytest.mark.parametrize("z_generator", ["torch", "philox"])
+def test_step_with_zero_learning_rate_leaves_every_parameter_exactly_as_it_was(z_generator):
     for dtype in (torch.float32, torch.bfloat16):
         model = TwoLayer().to(dtype)
-        zo = ZOParameters(model, run_seed=0)
+        zo = ZOParameters(model, run_seed=0, z_generator=z_generator)
         opt = MeZOOptimizer(zo, lr=0.0, weight_decay=0.1)
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         x = torch.randn(3, 5, dtype=dtype)
         for step in range(3):
             for est in spsa(zo, lambda m=model, x=x: m(x).float().pow(2).mean(), step=step, eps=1e-2, n_directions=2):
                 opt.record(step, est)
+            passes = zo.weight_passes
             opt.step()
+            if z_generator == "philox":  # lr = 0: the philox update does not touch the weights at all
+                assert zo.weight_passes == passes
         for n, p in model.named_parameters():
             assert torch.equal(p, before[n]), (dtype, n)
 
