@@ -390,3 +390,129 @@ def test_poisson_sampler_rate():
     # Batch sizes are Binomial(500, 0.05): mean 25, std 4.87; the mean of 200 has std 0.34.
     assert abs(sum(sizes) / 200 - 25.0) < 5 * 0.34
     assert max(sizes) - min(sizes) > 5  # sizes vary, unlike fixed batches
+
+
+# ---------------------------------------------------------------- models that flatten the batch (issue 15)
+
+
+def _tiny_flattening_lora(arch):
+    """A tiny HF model whose layers see the batch's tokens flattened to [B*T, d], with adapters on those layers.
+
+    OPT reshapes [B, T, d] to [B*T, d] before its MLP (fc1, fc2) and each layer's final_layer_norm; Qwen2-MoE
+    does so before the sparse block, whose shared expert (gate/up/down_proj) and shared_expert_gate are
+    ordinary linears. q/v_proj keep [B, T, d].
+    """
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    if arch == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        model = OPTForCausalLM(OPTConfig(
+            vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0,
+        ))  # fmt: skip
+        targets = ["q_proj", "v_proj", "fc1", "fc2"]
+    else:
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        model = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        ))  # fmt: skip
+        targets = ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make A's gradient non-zero too
+            nn.init.normal_(p, std=0.5)
+        if arch == "opt" and "layers.0.final_layer_norm" in name:
+            p.requires_grad_(True)  # a LayerNorm (weight and bias) on the flattened rows
+    return model
+
+
+def _per_example_grads_one_by_one(model, ids):
+    """Each example's gradient from its own forward (torch.func.grad of its loss alone), stacked [B, ...]."""
+    from torch.func import grad as func_grad
+
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p, one):
+        return functional_call(model, (p,), args=(), kwargs={"input_ids": one, "labels": one}, strict=False).loss
+
+    rows = [func_grad(loss)(params, ids[i : i + 1]) for i in range(ids.shape[0])]
+    return {k: torch.stack([r[k] for r in rows]) for k in params}
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen2_moe"])
+def test_flattened_rows_are_regrouped_into_examples(arch):
+    # Regression (issue 15): FlashDP took every module input's dim 0 as the example, so a [B*T, d] input
+    # clipped each token separately: B*T "samples" for fc1's LoRA, B for q_proj.
+    model = _tiny_flattening_lora(arch).eval()  # eval: no dropout, gradients still flow
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(1))
+    per_example = _per_example_grads_one_by_one(model, ids)
+    bounds = _median_bounds(per_example)
+    expected = _clip_and_sum(per_example, bounds)
+
+    handle = attach_flashdp(model, bounds)
+    model(input_ids=ids, labels=ids).loss.backward()  # equal lengths: the token mean is the mean of the examples'
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(handle.norms[name], per_example[name].flatten(1).norm(dim=1), rtol=1e-4,
+                                       atol=1e-6)
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-4, atol=1e-6)
+    flattened = {n.split(".lora_")[0].split(".")[-1] for n, rows in handle.rows.items() if rows == "token"}
+    # the layers that see [B*T, d]: their LoRA A/B (and OPT's final_layer_norm); q/v_proj keep [B, T, d]
+    assert flattened == ({"fc1", "fc2", "final_layer_norm"} if arch == "opt" else
+                         {"gate_proj", "up_proj", "down_proj", "shared_expert_gate"})
+
+
+@pytest.mark.parametrize("arch", ["opt", "qwen2_moe"])
+def test_one_examples_clipped_gradient_stays_within_the_total_bound(arch):
+    model = _tiny_flattening_lora(arch).eval()
+    ids = torch.randint(0, 64, (1, 24), generator=torch.Generator().manual_seed(2))  # ONE 24-token example
+    total = 1e-3  # below almost every layer's gradient: nearly all are clipped to their C_l
+    handle = attach_flashdp(model, total_bound=total, loss_reduction="sum")
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(v.numel() == 1 for v in handle.norms.values())  # one example, one norm per tensor
+    norm = torch.cat([p.grad.flatten() for p in handle.parameters()]).norm().item()
+    assert norm <= total * (1 + 1e-4)
+    assert norm > 0.9 * total  # the bound is what limits it
+
+
+def test_rows_that_are_neither_examples_nor_their_tokens_are_refused():
+    class Gather(nn.Module):
+        """Like a MoE expert: a linear over a data-dependent subset of the batch's tokens."""
+
+        def __init__(self):
+            super().__init__()
+            self.expert = nn.Linear(4, 4)
+
+        def forward(self, x):
+            flat = x.reshape(-1, 4)
+            return self.expert(flat[flat[:, 0] > 0]).sum()
+
+    model = Gather()
+    attach_flashdp(model, total_bound=1.0)
+    x = torch.randn(2, 5, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ZoftError) as info:
+        model(x)
+    rows = int((x.reshape(-1, 4)[:, 0] > 0).sum())
+    assert str(info.value) == (
+        f"FlashDP: module expert got an input with {rows} rows for a batch of 2 examples of 5 tokens, so its rows "
+        "are neither the examples nor all their tokens (e.g. a MoE expert sees a subset of the tokens) and "
+        "per-example clipping cannot group them; freeze its parameters (requires_grad_(False)) or leave it out "
+        "of the adapters"
+    )
+
+
+def test_packed_rows_are_refused():
+    model = _tiny_llama_lora()
+    attach_flashdp(model, total_bound=1.0)
+    ids = torch.randint(0, 64, (1, 8))
+    packed = torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])  # two sequences in one row (padding-free batching)
+    with pytest.raises(ZoftError, match=r"packs several sequences into one row .*SFTConfig\(packing=False, "):
+        model(input_ids=ids, labels=ids, position_ids=packed)
+    model(input_ids=ids, labels=ids, position_ids=torch.arange(8)[None]).loss.backward()  # one sequence: fine
+    with torch.no_grad():
+        model(input_ids=ids, position_ids=packed)  # evaluation does not clip: packing is the user's business

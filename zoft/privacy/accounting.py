@@ -5,15 +5,36 @@ multiplier sigma, is (epsilon, delta)-DP for the epsilon these functions return.
 Opacus's (RDP: Mironov et al. 2019, "Renyi Differential Privacy of the Sampled Gaussian Mechanism",
 https://arxiv.org/abs/1908.10530; PRV: Gopi et al. 2021, https://arxiv.org/abs/2106.02848). Opacus is
 imported lazily; install it with ``pip install 'opacus>=1.5'`` (or ``pip install 'zoft[dp]'``).
+
+Adjacency (what "one example" changing means) sets the sensitivity the noise is scaled to. Poisson
+sampling goes with add/remove-one neighbours: the clipped sum moves by at most C. Fixed-size batches
+(shuffling) keep N fixed, so neighbours differ by replacing one example: the sum moves by up to 2C and
+the noise std doubles (:func:`sensitivity_factor`). The accountant then sees the same sigma.
 """
 
 from __future__ import annotations
 
 from zoft.errors import ZoftError
 
-__all__ = ["epsilon_spent", "noise_for_target_epsilon", "ACCOUNTANTS"]
+__all__ = ["epsilon_spent", "noise_for_target_epsilon", "sensitivity_factor", "ACCOUNTANTS", "ADJACENCIES"]
 
 ACCOUNTANTS = ("rdp", "prv")
+ADJACENCIES = ("add_remove", "replace_one")
+
+
+def sensitivity_factor(adjacency: str) -> float:
+    """How many bounds C one example can move a clipped sum: 1 for add/remove, 2 for replace-one.
+
+    Args:
+        adjacency: ``"add_remove"`` (Poisson sampling) or ``"replace_one"`` (fixed-size batches).
+
+    Raises:
+        ZoftError: an unknown adjacency.
+    """
+    if adjacency not in ADJACENCIES:
+        raise ZoftError(f"privacy adjacency must be one of {', '.join(ADJACENCIES)}, got {adjacency!r}")
+    # Replacing x by x' changes the sum by clip(g(x')) - clip(g(x)), whose norm reaches 2C.
+    return 1.0 if adjacency == "add_remove" else 2.0
 
 
 def _opacus_accountant(name: str):

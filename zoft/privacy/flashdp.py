@@ -15,10 +15,20 @@ Function computing the same output; its backward returns the clipped sum as the 
 Modules, parameters, buffers and ``state_dict`` are unchanged, so saved checkpoints are ordinary;
 ``handle.detach()`` deletes the instance forwards and the guard hooks.
 
+Which rows are one example: the model's own call records the batch's example count B (and tokens T)
+from its first input. A module input whose leading dimension is B has one example per row; one with
+B*T rows holds the batch's tokens flattened example-major (OPT's MLP and final norm, MoE shared
+experts reshape [B, T, d] to [B*T, d]) and is regrouped to [B, T, d]. Any other row count (e.g. a MoE
+expert that receives a gathered subset of the tokens) is refused with one line: clipping its rows one
+by one would clip tokens, not examples. Rows that pack several sequences (``position_ids`` that restart
+at 0 inside a row, or ``cu_seq_lens_*``) are refused too.
+
 Sampling (see :class:`PoissonBatchSampler`): the accountant's guarantee assumes Poisson sampling
-(each example joins each logical batch independently with probability q). Shuffled fixed-size batches
-are the common approximation; accounting them with q = B/N is not a proven bound (shuffling has been
-shown to give a larger true epsilon, Chua et al. 2024, arXiv 2403.17673), so report it as such.
+(each example joins each logical batch independently with probability q) and add/remove-one
+neighbours, sensitivity C. Fixed-size (shuffled) batches keep N fixed: neighbours replace one example,
+the clipped sum moves by up to 2C, so :func:`add_noise` doubles the std with ``adjacency="replace_one"``.
+Accounting shuffled batches with q = B/N is still not a proven bound (shuffling has been shown to give a
+larger true epsilon, Chua et al. 2024, arXiv 2403.17673), so report it as such.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from torch import nn
 
 from zoft.errors import ZoftError
 from zoft.kernels.flashdp_reference import bias_grad, clip_factors, linear_grad_explicit, linear_grad_ghost
+from zoft.privacy.accounting import sensitivity_factor
 
 __all__ = [
     "FlashDPHandle",
@@ -84,6 +95,8 @@ class FlashDPHandle:
             kernel), ``rows`` (embedding: per-sample rows summed by token id), ``elementwise`` (norm
             weights/biases, whose per-sample gradients are vectors).
         norms: parameter name -> per-sample gradient norms of the last backward, before clipping.
+        rows: module name -> what a row of its last input was: ``example`` (leading dim B) or ``token``
+            (B*T rows, regrouped into the B examples).
         loss_reduction: ``"mean"`` if the loss is the mean of per-sample losses over the micro-batch
             (per-sample gradients are then ``B *`` the batch gradient, as Opacus does), ``"sum"`` if summed.
         loss_scale: extra factor on every per-sample gradient; set it to the accumulation steps when the
@@ -94,12 +107,22 @@ class FlashDPHandle:
         self.bounds: dict[str, float] = {}
         self.paths: dict[str, str] = {}
         self.norms: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, str] = {}
         self.loss_reduction = loss_reduction
         self.loss_scale = loss_scale
         self.path = path
         self._layers: list[_Layer] = []
         self._hooks: list = []
         self._attached = True
+        self._batch: tuple[int, int | None] | None = None  # (examples, tokens) of the current forward
+
+    def set_batch(self, examples: int, tokens: int | None = None) -> None:
+        """Declare how many examples (and tokens per example) the next forward holds.
+
+        The model's own call does this from its first input (``input_ids``, ``inputs_embeds`` or the first
+        tensor argument); call it yourself only when the modules run outside a call of that model.
+        """
+        self._batch = (int(examples), None if tokens is None else int(tokens))
 
     @property
     def total_bound(self) -> float:
@@ -127,10 +150,10 @@ class FlashDPHandle:
 
 
 def _linear_weight(layer: _Layer, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x [B, n, d_in] and g [B, n, d_out], grouped by example."""
     info = layer.params["weight"]
-    batch = x.shape[0]
+    batch, tokens = x.shape[0], max(1, x.shape[1])
     d_in, d_out = x.shape[-1], g.shape[-1]
-    tokens = max(1, x.numel() // max(1, batch * d_in))
     path = layer.handle.path
     if path == "auto":
         # Ghost norm costs ~T^2 (d_in + d_out) per sample, the explicit one T d_in d_out.
@@ -157,31 +180,33 @@ def _bias(layer: _Layer, g: torch.Tensor, batch: int) -> torch.Tensor:
 
 class _LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, transposed):
+    def forward(ctx, x, weight, bias, layer, transposed, examples):
         ctx.save_for_backward(x, weight)
-        ctx.layer, ctx.transposed = layer, transposed
+        ctx.layer, ctx.transposed, ctx.examples = layer, transposed, examples
         return F.linear(x, weight.t() if transposed else weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        layer, transposed = ctx.layer, ctx.transposed
+        layer, transposed, batch = ctx.layer, ctx.transposed, ctx.examples
         w = weight.t() if transposed else weight
         gx = gy @ w.to(gy.dtype) if ctx.needs_input_grad[0] else None
         gw = gb = None
+        # Rows regrouped by example: [B, ...] as is, or [B*T, d] (example-major) as [B, T, d].
+        g3 = gy.reshape(batch, -1, gy.shape[-1])
         if ctx.needs_input_grad[1]:
-            gw = _linear_weight(layer, x, gy)
+            gw = _linear_weight(layer, x.reshape(batch, -1, x.shape[-1]), g3)
             gw = (gw.t() if transposed else gw).to(weight.dtype)
         if ctx.needs_input_grad[2]:
-            gb = _bias(layer, gy, x.shape[0]).to(layer.params["bias"].param.dtype)
-        return gx, gw, gb, None, None
+            gb = _bias(layer, g3, batch).to(layer.params["bias"].param.dtype)
+        return gx, gw, gb, None, None, None
 
 
 class _EmbeddingFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, ids, weight, layer):
+    def forward(ctx, ids, weight, layer, examples):
         ctx.save_for_backward(ids)
-        ctx.layer, ctx.shape = layer, weight.shape
+        ctx.layer, ctx.shape, ctx.examples = layer, weight.shape, examples
         return F.embedding(ids, weight, layer.module.padding_idx)
 
     @staticmethod
@@ -189,7 +214,7 @@ class _EmbeddingFn(torch.autograd.Function):
         (ids,) = ctx.saved_tensors
         layer = ctx.layer
         info = layer.params["weight"]
-        batch, dim = ids.shape[0], gy.shape[-1]
+        batch, dim = ctx.examples, gy.shape[-1]
         ids2 = ids.reshape(batch, -1)
         g3 = gy.reshape(batch, -1, dim).float() * layer.scale(batch)
         if layer.module.padding_idx is not None:
@@ -207,16 +232,16 @@ class _EmbeddingFn(torch.autograd.Function):
         grad = torch.zeros(ctx.shape, dtype=torch.float32, device=gy.device)
         grad.index_add_(0, ids2.reshape(-1), (g3 * factors[:, None, None]).reshape(-1, dim))
         layer.record("weight", norms, "rows")
-        return None, grad.to(info.param.dtype), None
+        return None, grad.to(info.param.dtype), None, None
 
 
 class _ScaleShiftFn(torch.autograd.Function):
     """``y = xhat * w (+ b)``: the affine part of a LayerNorm/RMSNorm, with per-sample clipped grads."""
 
     @staticmethod
-    def forward(ctx, xhat, weight, bias, layer):
+    def forward(ctx, xhat, weight, bias, layer, examples):
         ctx.save_for_backward(xhat, weight)
-        ctx.layer = layer
+        ctx.layer, ctx.examples = layer, examples
         y = xhat * weight
         return y + bias if bias is not None else y
 
@@ -224,7 +249,7 @@ class _ScaleShiftFn(torch.autograd.Function):
     def backward(ctx, gy):
         xhat, weight = ctx.saved_tensors
         layer = ctx.layer
-        batch, width = xhat.shape[0], weight.numel()
+        batch, width = ctx.examples, weight.numel()
         gx = (gy * weight).to(xhat.dtype) if ctx.needs_input_grad[0] else None
         gw = gb = None
         if ctx.needs_input_grad[1]:
@@ -236,7 +261,7 @@ class _ScaleShiftFn(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             gb = _bias(layer, gy.reshape(batch, -1, width), batch)
             gb = gb.reshape(layer.params["bias"].param.shape).to(layer.params["bias"].param.dtype)
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 # ---------------------------------------------------------------- module patching
@@ -270,20 +295,89 @@ def _normalize(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
     return h.to(x.dtype)
 
 
+def _examples(layer: _Layer, x: torch.Tensor) -> int:
+    """The number of examples among ``x``'s rows, or a one-line refusal when rows are not examples or tokens."""
+    handle = layer.handle
+    lead = x.shape[0] if x.dim() else 1
+    if handle._batch is None:
+        raise ZoftError(
+            f"FlashDP: module {layer.name} ran outside a call of the model FlashDP was attached to, so the "
+            "batch's example count is unknown; call the model itself, or handle.set_batch(examples, tokens) first"
+        )
+    examples, tokens = handle._batch
+    if lead == examples:
+        handle.rows[layer.name] = "example"
+        return examples
+    if tokens is not None and lead == examples * tokens:
+        # [B, T, d] reshaped to [B*T, d] is example-major: rows b*T .. b*T+T-1 are example b's tokens.
+        handle.rows[layer.name] = "token"
+        return examples
+    shape = f"{examples} examples" + (f" of {tokens} tokens" if tokens is not None else "")
+    raise ZoftError(
+        f"FlashDP: module {layer.name} got an input with {lead} rows for a batch of {shape}, so its rows are "
+        "neither the examples nor all their tokens (e.g. a MoE expert sees a subset of the tokens) and per-example "
+        "clipping cannot group them; freeze its parameters (requires_grad_(False)) or leave it out of the adapters"
+    )
+
+
 def _patched_forward(self: nn.Module, *args, **kwargs):
     layer: _Layer = self._zoft_flashdp
     if not torch.is_grad_enabled():
         return type(self).forward(self, *args, **kwargs)
     x = args[0] if args else next(iter(kwargs.values()))
     m = self
+    examples = _examples(layer, x)
     if layer.kind == "linear":
-        return _LinearFn.apply(x, m.weight, m.bias, layer, False)
+        return _LinearFn.apply(x, m.weight, m.bias, layer, False, examples)
     if layer.kind == "conv1d":
-        return _LinearFn.apply(x, m.weight, m.bias, layer, True)
+        return _LinearFn.apply(x, m.weight, m.bias, layer, True, examples)
     if layer.kind == "embedding":
-        return _EmbeddingFn.apply(x, m.weight, layer)
+        return _EmbeddingFn.apply(x, m.weight, layer, examples)
     bias = getattr(m, "bias", None)
-    return _ScaleShiftFn.apply(_normalize(m, layer.kind, x), m.weight, bias, layer)
+    return _ScaleShiftFn.apply(_normalize(m, layer.kind, x), m.weight, bias, layer, examples)
+
+
+def _batch_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    for key in ("input_ids", "inputs_embeds"):
+        if torch.is_tensor(kwargs.get(key)):
+            return kwargs[key]
+    for value in list(args) + list(kwargs.values()):
+        if torch.is_tensor(value):
+            return value
+    return None
+
+
+def _refuse_packed_rows(kwargs: dict) -> None:
+    """Refuse rows that hold several sequences: their examples would be clipped together as one."""
+    packed = any(k.startswith("cu_seq_lens") and kwargs[k] is not None for k in kwargs)
+    positions = kwargs.get("position_ids")
+    if not packed and torch.is_tensor(positions) and positions.dim() == 2 and positions.shape[1] > 1:
+        starts = positions == 0
+        mask = kwargs.get("attention_mask")
+        if torch.is_tensor(mask) and mask.shape == positions.shape:
+            starts = starts & mask.bool()  # left padding may repeat position values before the text
+        packed = bool((starts.sum(1) > 1).any())
+    if packed:
+        raise ZoftError(
+            "FlashDP: the batch packs several sequences into one row (position_ids restart at 0, or cu_seq_lens_* "
+            "are given), and per-example clipping would clip them as one example; turn packing / padding-free "
+            "batching off (TRL: SFTConfig(packing=False, padding_free=False))"
+        )
+
+
+def _batch_hook(handle: FlashDPHandle):
+    """Forward pre-hook of the model: record the batch's example count (and tokens) for the layers."""
+
+    def hook(module, args, kwargs):
+        t = _batch_tensor(args, kwargs)
+        if t is not None and t.dim() > 0:
+            # Tokens per example: dim 1 of token ids [B, T] or of any [B, T, ...] input; a float [B, d] has none.
+            has_tokens = t.dim() >= 3 or (t.dim() == 2 and not t.is_floating_point())
+            handle.set_batch(t.shape[0], t.shape[1] if has_tokens else None)
+        if torch.is_grad_enabled():
+            _refuse_packed_rows(kwargs)
+
+    return hook
 
 
 def _check_norm(name: str, module: nn.Module, kind: str) -> None:
@@ -322,8 +416,10 @@ def attach_flashdp(
 ) -> FlashDPHandle:
     """Make ``loss.backward()`` leave per-layer clipped, summed per-sample gradients in ``.grad``.
 
-    The batch dimension is the first of every module input. Each trainable parameter is one clipping
-    group ("layer", as Opacus's ``clipping="per_layer"``). Call :func:`add_noise` (or step a
+    The examples of a batch are the rows of the model's first input (``input_ids``, ``inputs_embeds`` or
+    the first tensor argument): a module input's rows are grouped into those examples, whether it keeps
+    the batch dimension first or flattens the batch's tokens into ``[B*T, d]`` (see the module docstring).
+    Each trainable parameter is one clipping group ("layer", as Opacus's ``clipping="per_layer"``). Call :func:`add_noise` (or step a
     :class:`DPOptimizer`) once per optimizer step afterwards.
 
     Args:
@@ -342,6 +438,8 @@ def attach_flashdp(
     Raises:
         ZoftError: a module mixes samples (batch norm), a trainable parameter is in an unsupported
             module or shared by two modules, the bounds are missing/unknown/not positive, or bad options.
+            During training: a module's input rows are neither the examples nor all their tokens, or a
+            batch packs several sequences into one row.
     """
     if (clip_bounds is None) == (total_bound is None):
         raise ZoftError("FlashDP: give exactly one of clip_bounds (per parameter) or total_bound")
@@ -434,6 +532,7 @@ def attach_flashdp(
         for info in layer.params.values():
             handle._hooks.append(info.param.register_hook(_guard_hook(layer, info)))
         handle._layers.append(layer)
+    handle._hooks.append(model.register_forward_pre_hook(_batch_hook(handle), with_kwargs=True))
     return handle
 
 
@@ -475,8 +574,9 @@ def add_noise(
     bounds: FlashDPHandle | Mapping[str, float] | float,
     generator: torch.Generator | None = None,
     expected_batch_size: float | None = None,
+    adjacency: str = "add_remove",
 ) -> float:
-    """Add ``N(0, (sigma * sqrt(sum_l C_l^2))^2)`` to every ``.grad``, then divide by the batch size.
+    """Add ``N(0, (k sigma sqrt(sum_l C_l^2))^2)`` to every ``.grad``, then divide by the batch size.
 
     Call once per optimizer step, after all micro-batches of the logical batch (gradient accumulation
     only sums clipped gradients). A parameter with no ``.grad`` (e.g. an empty Poisson batch) gets pure
@@ -489,6 +589,8 @@ def add_noise(
         generator: source of the noise (on the parameters' device); the global RNG if None.
         expected_batch_size: divide by this (``q * N`` under Poisson sampling, ``B`` for fixed batches);
             no division if None.
+        adjacency: ``"add_remove"`` (Poisson sampling: one example moves the clipped sum by at most
+            ``C``, k = 1) or ``"replace_one"`` (fixed-size batches: up to ``2C``, k = 2).
 
     Returns:
         The noise standard deviation used (before the division).
@@ -497,7 +599,7 @@ def add_noise(
         raise ZoftError(f"FlashDP: the noise multiplier must be >= 0, got {sigma}")
     if expected_batch_size is not None and not expected_batch_size > 0:
         raise ZoftError(f"FlashDP: expected_batch_size must be > 0, got {expected_batch_size}")
-    std = float(sigma) * _total(bounds)
+    std = float(sigma) * sensitivity_factor(adjacency) * _total(bounds)
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
@@ -520,6 +622,8 @@ class DPOptimizer:
         noise_multiplier: sigma.
         expected_batch_size: logical batch size the sum is divided by (``q * N`` with Poisson sampling).
         generator: noise RNG on the parameters' device.
+        adjacency: ``"add_remove"`` with Poisson sampling (the default), ``"replace_one"`` with fixed-size
+            batches (the noise std doubles, see :func:`add_noise`).
     """
 
     def __init__(
@@ -529,7 +633,10 @@ class DPOptimizer:
         noise_multiplier: float,
         expected_batch_size: float,
         generator: torch.Generator | None = None,
+        adjacency: str = "add_remove",
     ):
+        sensitivity_factor(adjacency)  # validate now, not at the first step
+        self.adjacency = adjacency
         self.optimizer = optimizer
         self.handle = handle
         self.noise_multiplier = float(noise_multiplier)
@@ -547,7 +654,8 @@ class DPOptimizer:
     def pre_step(self) -> None:
         """Noise and division only (what ``step`` does before the inner optimizer's step)."""
         add_noise(
-            self.handle.parameters(), self.noise_multiplier, self.handle, self.generator, self.expected_batch_size
+            self.handle.parameters(), self.noise_multiplier, self.handle, self.generator, self.expected_batch_size,
+            self.adjacency,
         )
         self.steps += 1
 
