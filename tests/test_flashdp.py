@@ -516,3 +516,52 @@ def test_packed_rows_are_refused():
     model(input_ids=ids, labels=ids, position_ids=torch.arange(8)[None]).loss.backward()  # one sequence: fine
     with torch.no_grad():
         model(input_ids=ids, position_ids=packed)  # evaluation does not clip: packing is the user's business
+
+
+# ---------------------------------------------------------------- adjacency: Poisson add/remove vs fixed-batch replace-one
+
+
+def _sample_std_band(std, n):
+    # The sample std of n Gaussian draws has standard error std / sqrt(2n): allow 5 of them.
+    return 5 * std / math.sqrt(2 * n)
+
+
+def test_replace_one_adjacency_doubles_the_noise_of_add_noise_and_dpzero():
+    params = [torch.zeros(300, 100, requires_grad=True)]
+    sigma, total, batch = 0.7, 1.3, 8.0
+    std = add_noise(params, sigma, total, torch.Generator().manual_seed(0), batch, adjacency="replace_one")
+    assert std == pytest.approx(2 * sigma * total)  # one example moves the clipped sum by up to 2C
+    draws = params[0].grad.flatten() * batch
+    assert abs(draws.std().item() - std) < _sample_std_band(std, draws.numel())
+
+    loss_plus, loss_minus, eps, clip, n = torch.tensor([0.3, -0.2, 0.1, 0.0]), torch.zeros(4), 1.0, 0.5, 4000
+    gen = torch.Generator().manual_seed(1)
+    for adjacency, k in (("add_remove", 1), ("replace_one", 2)):
+        signal = dpzero_projected_grad(loss_plus, loss_minus, eps, clip, 0.0).item()
+        draws = torch.stack([
+            dpzero_projected_grad(loss_plus, loss_minus, eps, clip, 1.5, gen, adjacency=adjacency) for _ in range(n)
+        ])  # fmt: skip
+        want = k * 1.5 * clip / 4
+        assert abs((draws - signal).std().item() - want) < _sample_std_band(want, n), adjacency
+    with pytest.raises(ZoftError, match="adjacency must be one of add_remove, replace_one, got 'swap'"):
+        add_noise(params, sigma, total, adjacency="swap")
+
+
+@pytest.mark.parametrize("sampling", ["poisson", "shuffle"])
+def test_private_step_noise_std_follows_the_sampling_adjacency(sampling):
+    # Regression (issue 15): with fixed-size (shuffled) batches neighbours replace one example, so the clipped
+    # sum moves by up to 2C; zoft added sigma C (the Poisson add/remove std) there, half the noise needed.
+    from zoft.privacy.trainer_dp import PrivacyConfig, PrivacyEngine
+
+    sigma, clip, batch, n_data = 1.2, 0.8, 4, 40
+    engine = PrivacyEngine(PrivacyConfig(method="flashdp", noise_multiplier=sigma, clip_bound=clip, sampling=sampling,
+                                         seed=0), num_samples=n_data, micro_batch_size=batch, accumulation=1)
+    model = nn.Linear(200, 100, bias=False)
+    engine.calibrate(10)
+    engine.attach(model)
+    engine.count_examples(batch)  # one full micro-batch; no backward: the step is pure noise
+    engine.noise_step()
+    draws = model.weight.grad.flatten() * batch  # expected batch size q N = batch as well
+    k = 2 if sampling == "shuffle" else 1
+    assert abs(draws.std().item() - k * sigma * clip) < _sample_std_band(k * sigma * clip, draws.numel())
+    assert engine.report(1)["adjacency"] == ("replace_one" if sampling == "shuffle" else "add_remove")

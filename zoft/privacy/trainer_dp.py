@@ -10,13 +10,16 @@ What one optimizer step does (a "logical batch" = ``per_device_train_batch_size 
 
 - sampling: with ``poisson`` each example joins the logical batch with probability q; the batch is cut
   into ``accumulation`` micro-batches (some may be empty) and the sum is divided by ``q * N``, the
-  expected size. With ``shuffle`` HF's fixed batches are kept (last partial batch dropped) and the
-  sum is divided by the actual size; accounting them with q = B/N is an approximation, not a proven bound.
+  expected size. Neighbouring data sets add or remove one example, which moves a clipped sum by at most
+  C (sensitivity C). With ``shuffle`` HF's fixed batches are kept (last partial batch dropped) and the
+  sum is divided by the actual size. Fixed-size batches keep N fixed, so neighbours replace one example
+  and the sum moves by up to 2C: the noise std doubles (``2 sigma C``) for the same sigma. Accounting
+  them with q = B/N is still an approximation, not a proven bound.
 - FlashDP: each micro-batch's loss is the sum of per-example losses; the backward leaves the per-layer
-  clipped sum in ``.grad``; before ``optimizer.step()`` noise ``N(0, (sigma C)^2)`` is added and the
-  sum divided (``on_pre_optimizer_step``). HF's global ``max_grad_norm`` is off.
+  clipped sum in ``.grad``; before ``optimizer.step()`` noise ``N(0, (k sigma C)^2)`` is added (k = 1
+  poisson, 2 shuffle) and the sum divided (``on_pre_optimizer_step``). HF's global ``max_grad_norm`` is off.
 - DPZero: per-example losses at ``theta +- eps z`` give per-example scalars, clipped to [-C, C]; each of
-  the n micro-batches adds noise of variance ``(sigma C)^2 / n`` (their sum has the full variance) and
+  the n micro-batches adds noise of variance ``(k sigma C)^2 / n`` (their sum has the full variance) and
   divides by its share of the expected batch size, so the step's scalar is distributed exactly as one
   noised sum over the logical batch.
 
@@ -54,8 +57,9 @@ __all__ = [
 EMPTY_BATCH_KEY = "zoft_empty_batch"
 
 SHUFFLE_WARNING = (
-    "privacy.sampling 'shuffle': epsilon is computed as if batches were Poisson-sampled with q = B/N; "
-    "for shuffled fixed-size batches this is an approximation, not a proven bound (use sampling 'poisson')"
+    "privacy.sampling 'shuffle': the noise is scaled to replace-one neighbours (2 x clip bound), and epsilon is "
+    "computed as if batches were Poisson-sampled with q = B/N; for shuffled fixed-size batches this is an "
+    "approximation, not a proven bound (use sampling 'poisson')"
 )
 
 
@@ -216,6 +220,11 @@ class PrivacyEngine:
         return self.config.sampling == "poisson"
 
     @property
+    def adjacency(self) -> str:
+        """``add_remove`` under Poisson sampling; ``replace_one`` for fixed-size (shuffled) batches."""
+        return "add_remove" if self.poisson else "replace_one"
+
+    @property
     def expected_batch_size(self) -> float:
         return self.sample_rate * self.num_samples
 
@@ -298,7 +307,9 @@ class PrivacyEngine:
             divisor = self.expected_batch_size
         else:
             divisor = float(max(self._window_examples, 1))
-        add_noise(params, self.noise_multiplier, self.handle, self._generator(params[0].device), divisor)
+        add_noise(
+            params, self.noise_multiplier, self.handle, self._generator(params[0].device), divisor, self.adjacency
+        )
         self._window_examples = 0
 
     # -- zeroth-order (DPZero) ------------------------------------------------------------------
@@ -313,7 +324,8 @@ class PrivacyEngine:
         step = trainer.state.global_step
         eps = trainer.zo_config.eps
         empty = EMPTY_BATCH_KEY in inputs
-        # Each of the n micro-batches of a step adds variance (sigma_k C)^2 / n: their sum has the full one.
+        # Each of the n micro-batches of a step adds variance (k sigma_k C)^2 / n: their sum has the full one
+        # (k = 2 for replace-one neighbours, inside dpzero_projected_grad).
         sigma_k = self.noise_multiplier * math.sqrt(self.n_directions) / math.sqrt(n)
         divisor = self.expected_batch_size / n if self.poisson else float(self.micro_batch_size)
         was_training = model.training
@@ -331,6 +343,7 @@ class PrivacyEngine:
                 g = dpzero_projected_grad(
                     loss_plus, loss_minus, eps, self.config.clip_bound, sigma_k,
                     generator=self._generator(loss_plus.device), expected_batch_size=divisor,
+                    adjacency=self.adjacency,
                 )
                 lp = float(loss_plus.mean()) if not empty else 0.0
                 lm = float(loss_minus.mean()) if not empty else 0.0
@@ -384,6 +397,7 @@ class PrivacyEngine:
             "target_epsilon": self.config.target_epsilon,
             "accountant": self.config.accountant,
             "sampling": self.config.sampling,
+            "adjacency": self.adjacency,
             "clip_bound": total if self.config.method == "flashdp" else self.config.clip_bound,
             "proven_bound": self.poisson,
         }
