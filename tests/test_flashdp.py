@@ -565,3 +565,23 @@ def test_private_step_noise_std_follows_the_sampling_adjacency(sampling):
     k = 2 if sampling == "shuffle" else 1
     assert abs(draws.std().item() - k * sigma * clip) < _sample_std_band(k * sigma * clip, draws.numel())
     assert engine.report(1)["adjacency"] == ("replace_one" if sampling == "shuffle" else "add_remove")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_clipped_gradients(reentrant):
+    # Checkpointing reruns each layer's forward inside the backward (under no_grad first when reentrant): the
+    # recomputed layers must still group rows by the batch's examples and be clipped once.
+    ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for checkpointing in (False, True):
+        model = _tiny_llama_lora()
+        if checkpointing:
+            model.enable_input_require_grads()  # what HF / TRL do for peft models with checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model.train()
+        handle = attach_flashdp(model, total_bound=0.05, loss_reduction="sum")
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+        assert all(v.numel() == 3 for v in handle.norms.values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8)

@@ -148,6 +148,37 @@ def _lora_pro_settings(value):
     raise ZoftError(f"ZoftCallback(lora_pro=...): expected True or 'efficient', got {value!r}")
 
 
+class _ExampleMeanLogProbs(torch.autograd.Function):
+    """TRL's per-token log-probabilities, unchanged; the backward gives each example's mean token loss weight 1.
+
+    ``SFTTrainer`` computes its loss from a fused LM head's ``log_probs`` [B, T-1] as ``-sum / num_items``: a
+    token mean over the whole accumulation window, so one example's weight would depend on the other
+    examples' lengths and the clipped contributions would not be each example's own. The backward returns
+    ``d(sum_i l_i) / d log_probs = -mask / n_i`` instead (``l_i`` the mean loss of example i's ``n_i`` label
+    tokens), the same objective as :func:`zoft.privacy.trainer_dp.per_sample_losses`. It first checks that the
+    trainer's loss was a token-sum NLL times a positive constant (the same negative gradient on every label
+    token); any other use of the log-probabilities is refused.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs, mask):
+        ctx.save_for_backward(mask)
+        return log_probs.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        seen = grad[mask]
+        if seen.numel() and (bool((seen >= 0).any()) or bool((seen != seen[0]).any())):
+            raise ZoftError(
+                "ZoftCallback(privacy=...): the trainer's loss weights the tokens' log-probabilities unevenly "
+                "(e.g. SFTConfig(loss_type='dft') or a preference loss), which per-example clipping does not "
+                "support; use the token-mean NLL (SFTConfig(loss_type='nll'))"
+            )
+        counts = mask.sum(1, keepdim=True).clamp(min=1)
+        return -(mask.to(grad.dtype) / counts), None
+
+
 class _ExampleSum(torch.autograd.Function):
     """Returns the loss value the Trainer logs; its backward gives every per-example loss gradient 1.
 
@@ -407,28 +438,17 @@ class ZoftCallback(TrainerCallback):
     def _start_privacy(self, args, state, model, train_dataloader) -> None:
         from zoft.privacy.trainer_dp import PrivacyEngine
 
-        fix = "ZoftCallback(privacy=...): "
-        if args.world_size > 1:
-            raise ZoftError(fix + "multi-process training is not supported with privacy; run one process")
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            raise ZoftError(fix + f"TrainingArguments.max_grad_norm={args.max_grad_norm}: global clipping after "
-                            "per-sample clipping breaks the privacy guarantee; set max_grad_norm=0")
-        if args.fp16:
-            raise ZoftError(fix + "fp16's loss scaler would scale gradients before per-sample clipping; "
-                            "use bf16 or float32")
-        if not args.dataloader_drop_last:
-            raise ZoftError(fix + "set TrainingArguments(dataloader_drop_last=True): the accounting assumes every "
-                            "step has per_device_train_batch_size x gradient_accumulation_steps examples")
-        if args.label_smoothing_factor:
-            raise ZoftError(fix + "label_smoothing_factor takes the labels away from the model, and FlashDP "
-                            "computes each example's loss from them; set it to 0")
+        problems = _trainer_setting_problems(args, model)
         dataset = getattr(train_dataloader, "dataset", None)
         try:
             num_samples = len(dataset)
             self._loader_len = len(train_dataloader)
         except TypeError:
-            raise ZoftError(fix + "the training data set has no length (an IterableDataset), which the "
-                            "accounting needs; use a map-style data set") from None
+            problems.append("the training data set has no length (an IterableDataset), which the accounting "
+                            "needs; use a map-style data set")
+        if problems:
+            # Every refusal at once: a user fixes them in one round trip.
+            raise ZoftError("ZoftCallback(privacy=...): " + "; ".join(problems))
         self.engine = PrivacyEngine(
             self.privacy,
             num_samples=num_samples,
@@ -440,8 +460,14 @@ class ZoftCallback(TrainerCallback):
         self._patch_forward(model)
 
     def _patch_forward(self, model) -> None:
-        """Make training forwards return the per-example loss structure FlashDP needs (see _ExampleSum)."""
-        from zoft.privacy.trainer_dp import per_sample_losses
+        """Make training forwards carry the per-example loss structure FlashDP needs.
+
+        The model's own outputs are returned (so a trainer's ``compute_loss`` finds what it reads) with the
+        loss swapped: HF's ``Trainer`` reads ``loss`` (see :class:`_ExampleSum`); TRL's ``SFTTrainer`` calls the
+        model with ``fused_lm_head=True`` and builds its loss from ``log_probs`` (see
+        :class:`_ExampleMeanLogProbs`), and its entropy / token-accuracy metrics from the other fields.
+        """
+        from zoft.privacy.trainer_dp import per_sample_losses_from_logits
 
         previous = model.__dict__.get("forward")  # e.g. accelerate's autocast wrapper
         inner = model.forward
@@ -452,21 +478,29 @@ class ZoftCallback(TrainerCallback):
             if args:
                 raise ZoftError("ZoftCallback(privacy=...): the model was called with positional arguments; "
                                 "FlashDP needs the Trainer's model(**batch) call")
-            labels = kwargs.pop("labels", None)
+            labels = kwargs.get("labels")
             if labels is None:
                 raise ZoftError(
                     "ZoftCallback(privacy=...): a training batch reached the model without labels (compute_loss_func "
                     "takes them); FlashDP computes each example's loss from them: drop it or use zoft.ZoftTrainer"
                 )
+            if kwargs.get("fused_lm_head"):
+                outputs = inner(**kwargs)  # TRL: per-token log_probs [B, T-1], zero where the label is -100
+                self.engine.count_examples(outputs["log_probs"].shape[0])
+                outputs["log_probs"] = _ExampleMeanLogProbs.apply(outputs["log_probs"], outputs["label_mask"])
+                return outputs
+            kwargs.pop("labels")
             # Given num_items_in_batch, HF does not divide the loss by the accumulation steps: divide here so
             # the logged loss is the same either way (the gradient does not depend on it).
             scaled = kwargs.pop("num_items_in_batch", None) is not None
-            losses = per_sample_losses(inner, {**kwargs, "labels": labels})
+            outputs = inner(**kwargs)
+            losses = per_sample_losses_from_logits(outputs["logits"], labels)
             self.engine.count_examples(losses.numel())
             value = losses.detach().mean()
             if scaled:
                 value = value / self._micro_batches
-            return {"loss": _ExampleSum.apply(losses, value)}
+            outputs["loss"] = _ExampleSum.apply(losses, value)
+            return outputs
 
         model.forward = forward
         self._forward_restore = (model, previous)
@@ -476,6 +510,41 @@ class ZoftCallback(TrainerCallback):
         if self.engine is None:
             return None
         return self.engine.report(self._state.global_step if self._state is not None else 0)
+
+
+def _trainer_setting_problems(args, model) -> list[str]:
+    """What in the Trainer's arguments (a ``TrainingArguments`` or TRL's ``SFTConfig``) breaks FlashDP, one
+    phrase each naming the fix; empty if nothing does."""
+    name = type(args).__name__
+    problems = []
+    if args.world_size > 1:
+        problems.append("multi-process training is not supported with privacy; run one process")
+    if args.max_grad_norm and args.max_grad_norm > 0:
+        problems.append(f"{name}.max_grad_norm={args.max_grad_norm}: global clipping after per-sample clipping "
+                        "breaks the privacy guarantee; set max_grad_norm=0")
+    if args.fp16:
+        problems.append("fp16's loss scaler would scale gradients before per-sample clipping; use bf16 or float32")
+    if not args.dataloader_drop_last:
+        problems.append(f"set {name}(dataloader_drop_last=True): the accounting assumes every step has "
+                        "per_device_train_batch_size x gradient_accumulation_steps examples")
+    if args.label_smoothing_factor:
+        problems.append("label_smoothing_factor takes the labels away from the model, and FlashDP computes each "
+                        "example's loss from them; set it to 0")
+    # TRL's SFTConfig: several examples in one row would be clipped as one example.
+    if getattr(args, "packing", False):
+        problems.append(f"{name}(packing=True) puts several examples into one row, which per-example clipping "
+                        "would clip as one and the accounting would miscount; set packing=False")
+    if getattr(args, "padding_free", False):
+        problems.append(f"{name}(padding_free=True) concatenates the batch's examples into one row, which "
+                        "per-example clipping would clip as one; set padding_free=False")
+    loss_type = getattr(args, "loss_type", None)
+    if isinstance(loss_type, str) and loss_type not in ("nll", "chunked_nll"):
+        problems.append(f"{name}(loss_type={loss_type!r}) weights tokens by their probability, and FlashDP clips "
+                        "each example's mean token NLL; set loss_type='nll'")
+    if getattr(getattr(model, "config", None), "output_router_logits", False):
+        problems.append("model.config.output_router_logits=True adds a MoE load-balancing loss over the whole "
+                        "batch, which mixes the examples' gradients; set it to False")
+    return problems
 
 
 def _has_adapters(model) -> bool:

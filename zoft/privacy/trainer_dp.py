@@ -50,6 +50,7 @@ __all__ = [
     "PrivacyCallback",
     "PoissonMicroBatchSampler",
     "per_sample_losses",
+    "per_sample_losses_from_logits",
     "default_delta",
     "SHUFFLE_WARNING",
 ]
@@ -116,8 +117,14 @@ def per_sample_losses(model, inputs: dict) -> torch.Tensor:
     if "cls_labels" in inputs:
         return F.cross_entropy(verbalizer_scores(model, inputs), inputs["cls_labels"], reduction="none")
     batch = {k: inputs[k] for k in ("input_ids", "attention_mask", "position_ids") if k in inputs}
-    labels = inputs["labels"]
-    logits = model(**batch).logits.float()
+    return per_sample_losses_from_logits(model(**batch).logits, inputs["labels"])
+
+
+def per_sample_losses_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """:func:`per_sample_losses` from a model's logits: 1-D labels take the cross-entropy of [B, C] logits;
+    [B, T] labels (HF's unshifted causal-LM labels, -100 ignored) take each example's mean next-token loss.
+    """
+    logits = logits.float()
     if labels.dim() == 1:
         return F.cross_entropy(logits, labels, reduction="none")
     targets = labels[:, 1:]
