@@ -7,7 +7,8 @@ It applies what a callback can apply, with the same code the recipe path (``zoft
 - WTA-CRS (``memory.wta_crs``, :mod:`zoft.memory.wta_crs`): linear layers are replaced at train begin
   (after your peft wrap) and put back at train end.
 - FlashDP (``privacy``, :mod:`zoft.privacy`): per-layer per-sample clipping inside the backward, noise once
-  per optimizer step, epsilon in the logs; with shuffled fixed-size batches only (see :class:`ZoftCallback`).
+  per optimizer step, epsilon in the logs; with shuffled fixed-size batches only (see :class:`ZoftCallback`);
+  also on TRL's ``SFTTrainer`` (docs/callback.md, "FlashDP with TRL").
 - LoRA-Pro (``peft.optimizer: lora_pro``, efficient mode, :mod:`zoft.lora.pro`): the LoRA gradients are
   corrected right before your Trainer's optimizer steps.
 - Metrics (:mod:`zoft.metrics`): tokens/s and peak memory (and ``dp_epsilon``) in every training log,
@@ -211,16 +212,20 @@ class ZoftCallback(TrainerCallback):
 
     - done: each example's loss (its mean token loss; cross-entropy for 1-D labels) replaces the model's
       batch-mean loss during training forwards, so the backward clips every example's gradient per layer
-      (FlashDP) and sums; Gaussian noise ``N(0, (sigma C)^2)`` is added once per optimizer step, after all
-      accumulated micro-batches and before ``optimizer.step()``, and the sum divided by the step's examples;
+      (FlashDP) and sums; Gaussian noise ``N(0, (2 sigma C)^2)`` (fixed-size batches: replacing one example
+      moves the clipped sum by up to 2C) is added once per optimizer step, after all accumulated
+      micro-batches and before ``optimizer.step()``, and the sum divided by the step's examples; with TRL's
+      ``SFTTrainer`` the gradient of its fused ``log_probs`` becomes each example's mean token loss's;
       sigma is calibrated for ``state.max_steps`` from ``target_epsilon``; ``dp_epsilon`` is logged and the
       pre-noise ``grad_norm`` HF computes is removed from every log before any reporter sees it;
     - not done: Poisson sampling. Your Trainer's shuffled fixed-size batches are used (``sampling: shuffle``
       must be chosen explicitly, ``dataloader_drop_last=True`` is required) and epsilon is computed as if
       they were Poisson samples with ``q = batch * accumulation / N``: an approximation, not a proven bound
       (:meth:`privacy_report` says ``proven_bound: False``). For a proven bound use ``zoft.ZoftTrainer``.
-    - refused at train begin: ``max_grad_norm > 0``, fp16, label smoothing or ``compute_loss_func`` (the
-      loss must come from the batch's labels), several processes.
+    - refused at train begin, every problem in one message: ``max_grad_norm > 0``, fp16,
+      ``dataloader_drop_last=False``, label smoothing (the loss must come from the batch's labels), TRL's
+      ``packing`` / ``padding_free`` / ``loss_type`` other than nll, MoE router logits, several processes;
+      a ``compute_loss_func`` is refused at the first step.
 
     The callback moves itself to the front of the Trainer's callback list, so its ``on_log`` edits a log
     before HF's reporters (TensorBoard, W&B, the progress bar) read it.

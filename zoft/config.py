@@ -492,8 +492,9 @@ class PrivacySection(Section):
     sampling: Literal["poisson", "shuffle"] = Field(
         "poisson",
         description="poisson: each example joins each logical batch independently with probability "
-        "q = batch * accumulation / N, as the accountant assumes (batch sizes vary); shuffle: ordinary "
-        "fixed-size shuffled batches accounted with the same q, an approximation that is NOT a proven bound.",
+        "q = batch * accumulation / N, as the accountant assumes (batch sizes vary; add/remove-one neighbours, "
+        "noise sigma*C); shuffle: ordinary fixed-size shuffled batches (replace-one neighbours, so the noise "
+        "is 2*sigma*C) accounted with the same q, an approximation that is NOT a proven bound.",
     )
     accountant: Literal["rdp", "prv"] = Field(
         "rdp", description="Opacus accountant for epsilon: rdp (Renyi DP, default) or prv (tighter, slower)."
