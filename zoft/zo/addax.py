@@ -23,6 +23,16 @@ from zoft.zo.estimate import DirectionEstimate, spsa
 from zoft.zo.perturb import ZOParameters, _is_no_decay
 
 
+# Why train.fp16 is refused (zoft.config and ZoftTrainer say it): HF pairs fp16 autocast with a dynamic loss
+# scale, which skips a step whose scaled gradients overflow. Addax's first-order part has applied most of
+# such a step before any overflow shows, and unscaled fp16 activation gradients underflow instead.
+FP16_REFUSAL = (
+    "train.fp16 with method 'addax': the first-order part updates each parameter in place during the backward, "
+    "so an fp16 loss scale cannot skip a step that overflows and without one small fp16 gradients underflow; "
+    "use train.bf16 (bfloat16 autocast needs no loss scale) or model.dtype bfloat16"
+)
+
+
 @dataclass
 class AddaxConfig:
     """Addax settings as plain values (the recipe's method section after resolution).
