@@ -22,7 +22,6 @@ from zoft.errors import ZoftError
 from zoft.zo.estimate import DirectionEstimate, spsa
 from zoft.zo.perturb import ZOParameters, _is_no_decay
 
-
 # Why train.fp16 is refused (zoft.config and ZoftTrainer say it): HF pairs fp16 autocast with a dynamic loss
 # scale, which skips a step whose scaled gradients overflow. Addax's first-order part has applied most of
 # such a step before any overflow shows, and unscaled fp16 activation gradients underflow instead.
