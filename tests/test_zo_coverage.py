@@ -43,7 +43,7 @@ def lora_on_embedding(seed=5):
 def reference_z(model, run_seed, step):
     """z of every trained parameter from its seed alone (no ZOParameters)."""
     return {
-        n: sample_z(p.shape, derive_seed(run_seed, step, 0, n))
+        n: sample_z(p.shape, derive_seed(run_seed, step, 0, n), device=p.device)
         for n, p in model.named_parameters() if p.requires_grad
     }
 

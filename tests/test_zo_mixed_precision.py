@@ -36,12 +36,12 @@ def as_accelerate_sets_up_fp16_on_cuda(trainer):
     return trainer
 
 
-def under_autocast(model, dtype):
-    """``model`` whose forward runs under CPU autocast and returns fp32 logits (what accelerate's prepare does)."""
+def under_autocast(model, dtype, device="cpu"):
+    """``model`` whose forward runs under autocast and returns fp32 logits (what accelerate's prepare does)."""
     inner = model.forward
 
     def forward(*args, **kwargs):
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             out = inner(*args, **kwargs)
         out["logits"] = out["logits"].float()
         return out
@@ -124,3 +124,26 @@ def test_addax_with_train_fp16_is_refused_in_one_line(tiny_llama_dir, sentiment_
         ZoftTrainer(model=built.model, args=args, train_dataset=built.train_dataset, zo=MeZOConfig(),
                     addax=AddaxConfig(length_threshold=12))
     assert str(info.value) == FP16_REFUSAL
+
+
+@pytest.mark.gpu
+def test_mezo_with_train_fp16_on_cuda_runs_under_autocast_with_no_loss_scale(tiny_llama_dir, sentiment_csv, tmp_path):
+    # The real CUDA setup (accelerate's GradScaler and fp16 autocast), z from torch.Generator on the GPU.
+    recipe = validate_recipe(tiny_recipe(
+        tiny_llama_dir, sentiment_csv, tmp_path / "run", method={"name": "mezo", "eps": EPS, "z_generator": "torch"},
+        train={"fp16": True, "learning_rate": LR, "max_steps": 1, "save_strategy": "no", "logging_steps": 1}))
+    run.prepare_output_dir(recipe)
+    trainer = run.build_trainer(recipe)
+    assert trainer.accelerator.scaler is not None  # what failed with "_scale is None" before
+    trainer.data_collator = RecordingCollator(trainer.data_collator)
+    start = copy.deepcopy(trainer.model).cuda().eval()
+    trainer.train()
+    batch = {k: v.cuda() for k, v in trainer.data_collator.batches[0].items()}
+    (g,) = [h["zo_projected_grad"] for h in trainer.state.log_history if "zo_projected_grad" in h]
+    z = reference_z(start, trainer.args.seed, 0)
+    expected = reference_projected_grad(under_autocast(copy.deepcopy(start), torch.float16, "cuda"),
+                                        lambda m: _loss(m, batch), z, EPS)
+    assert g == pytest.approx(expected, rel=1e-5)
+    trained = dict(trainer.model.named_parameters())
+    for name, p in start.named_parameters():
+        torch.testing.assert_close(trained[name].detach(), p.detach().add(z[name], alpha=-LR * g))
