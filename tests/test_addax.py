@@ -196,3 +196,52 @@ def test_misuse_is_one_line(tiny_llama_dir, sentiment_csv, tmp_path):
         with pytest.raises(RecipeError) as info:
             validate_recipe(tiny_recipe(**base, method=method, train=train))
         assert len(info.value.lines) == 1 and match in info.value.lines[0], info.value.lines
+
+
+def test_the_shorter_side_is_reshuffled_at_every_restart_and_epoch(tiny_llama_dir, sentiment_csv, tmp_path):
+    # 22 long rows in batches of 8: the long side makes 3 batches and restarts after each 3 of the 6 steps.
+    trainer = _trainer(tiny_recipe(
+        tiny_llama_dir, sentiment_csv, tmp_path / "r",
+        method={"name": "addax", "alpha": 0.5, "length_threshold": 12, "zo_batch_size": 8, "fo_batch_size": 8}))
+    loader = trainer.get_train_dataloader()
+    assert len(loader) == 6 and len(loader.zo_loader) == 3
+    passes = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        steps = [b["zo"]["input_ids"].tolist() for b in loader]
+        passes += [steps[:3], steps[3:]]
+    assert all(sorted(sum(p, [])) == sorted(sum(passes[0], [])) for p in passes)  # each pass: every long row once
+    assert len({str(p) for p in passes}) == len(passes)  # and in an order of its own
+
+
+@pytest.mark.parametrize("killed_at", [5, 9], ids=["epoch0", "epoch1"])
+def test_addax_run_killed_mid_epoch_resumes_to_exactly_the_uninterrupted_weights(
+    tiny_llama_dir, sentiment_csv, tmp_path, killed_at
+):
+    from conftest import train_until_killed
+    from test_mezo_trainer import _weights
+
+    from zoft import checkpoints
+
+    # 22 long rows in 3 batches, 42 short in 6: an epoch is 6 steps and the long side restarts after 3. The
+    # run resumes from checkpoint-4 (epoch 0, long side in its second pass) or checkpoint-8 (epoch 1, step 2).
+    settings = {
+        "method": {"name": "addax", "alpha": 0.5, "length_threshold": 12, "zo_batch_size": 8, "fo_batch_size": 8},
+        "train": {"learning_rate": 1e-2, "max_steps": 10, "save_steps": 4},
+    }
+    straight = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "straight", **settings))
+    run.train(straight)
+
+    killed = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "killed", **settings))
+    del_me = train_until_killed(killed, killed_at)
+    del del_me
+    resumed_from = checkpoints.latest_complete_checkpoint(tmp_path / "killed").name
+    assert resumed_from == f"checkpoint-{killed_at - 1}"
+    run.train(killed.model_copy(update={"output": killed.output.model_copy(update={"resume": True})}))
+
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
+    start = _weights(tiny_llama_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-4  # the runs did train

@@ -860,6 +860,10 @@ def _qzo_addax_combinations(recipe: Recipe) -> None:
             why = "has no gradient" if method.name == "qzo" else "updates each parameter in place during the backward"
             raise ValueError(f"{', '.join(fo_keys)}: first-order-only option; method '{method.name}' {why}, drop it")
     if method.name == "addax":
+        if (recipe.train.model_extra or {}).get("fp16"):
+            from zoft.zo.addax import FP16_REFUSAL
+
+            raise ValueError(FP16_REFUSAL)
         if method.length_threshold is None:
             raise ValueError(
                 "method.length_threshold: required for addax (tokens; longer sequences go to the zeroth-order "

@@ -81,6 +81,10 @@ class ZoftTrainer(Trainer):
         self._zo_window: list[tuple[float, float, float]] = []
         self.zo_params: ZOParameters | None = None
         super().__init__(*args, **kwargs)
+        if self.addax_config is not None and self.args.fp16:
+            from zoft.zo.addax import FP16_REFUSAL
+
+            raise ZoftError(FP16_REFUSAL)
         self.add_callback(CompleteCheckpointMarker())
         # tokens/s and peak memory in every training log (zoft/metrics.py; reported through report_to)
         self.zoft_metrics = ZoftMetricsCallback()
@@ -104,6 +108,7 @@ class ZoftTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.zo_config is None:
             return super().create_optimizer(model)
+        self._without_loss_scaling()
         if self.optimizer is None:
             cfg = self.zo_config
             seed = self.args.seed if cfg.seed is None else cfg.seed
@@ -131,6 +136,18 @@ class ZoftTrainer(Trainer):
                 **extra,
             )
         return self.optimizer
+
+    def _without_loss_scaling(self) -> None:
+        """ZO with ``train.fp16``: the forwards run under fp16 autocast, and nothing is loss-scaled.
+
+        accelerate pairs fp16 autocast with a GradScaler (on CUDA). A ZO step has no backward, so that scaler
+        never sees a scaled loss and its ``step`` fails ("_scale is None"); scaling is pointless anyway, as
+        the projected gradient is a difference of two losses. A disabled scaler (called before accelerate
+        wraps the optimizer) keeps accelerate's step, clipping and checkpoint paths and scales nothing.
+        """
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            self.accelerator.scaler = torch.amp.GradScaler(self.accelerator.device.type, enabled=False)
 
     @property
     def zo_optimizer(self) -> MeZOOptimizer | None:

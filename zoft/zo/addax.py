@@ -22,6 +22,15 @@ from zoft.errors import ZoftError
 from zoft.zo.estimate import DirectionEstimate, spsa
 from zoft.zo.perturb import ZOParameters, _is_no_decay
 
+# Why train.fp16 is refused (zoft.config and ZoftTrainer say it): HF pairs fp16 autocast with a dynamic loss
+# scale, which skips a step whose scaled gradients overflow. Addax's first-order part has applied most of
+# such a step before any overflow shows, and unscaled fp16 activation gradients underflow instead.
+FP16_REFUSAL = (
+    "train.fp16 with method 'addax': the first-order part updates each parameter in place during the backward, "
+    "so an fp16 loss scale cannot skip a step that overflows and without one small fp16 gradients underflow; "
+    "use train.bf16 (bfloat16 autocast needs no loss scale) or model.dtype bfloat16"
+)
+
 
 @dataclass
 class AddaxConfig:
@@ -128,19 +137,39 @@ class AddaxLoader:
 
     An epoch is one pass over the side with more batches; the other side restarts (with a new epoch seed
     where its sampler has one) when it runs out. A side with no loader yields ``None``.
+
+    Resuming mid-epoch: HF Trainer hands its loader to accelerate's ``skip_first_batches``, which rebuilds a
+    torch ``DataLoader`` from the loader's ``dataset`` and ``batch_sampler``. Here those are the epoch's steps
+    (:class:`_AddaxSteps`, read in order, one step per batch of one index), so the rebuilt loader yields this
+    loader's steps from the given one on, and HF's ``set_epoch`` reaches this loader through the sampler.
     """
+
+    # What accelerate's skip_first_batches reads besides dataset / batch_sampler: steps are fetched in this
+    # process, each "batch" of one step is that step itself.
+    sampler = None
+    num_workers = 0
+    prefetch_factor = None
+    batch_size = 1
+    drop_last = False
 
     def __init__(self, zo_loader, fo_loader):
         if zo_loader is None and fo_loader is None:
             raise ValueError("Addax needs at least one of the two loaders")
         self.zo_loader, self.fo_loader = zo_loader, fo_loader
         self._epoch = 0
+        self.dataset = _AddaxSteps(self)
+        self.batch_sampler = _AddaxStepSampler(self)
+
+    @staticmethod
+    def collate_fn(steps: list[dict]) -> dict:
+        return steps[0]
 
     def __len__(self) -> int:
         return max(len(x) for x in (self.zo_loader, self.fo_loader) if x is not None)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch = epoch
+        self.dataset.restart()
         for loader in (self.zo_loader, self.fo_loader):
             if loader is not None and hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
@@ -154,13 +183,61 @@ class AddaxLoader:
             yield from loader
             restarts += 1
             if hasattr(loader, "set_epoch"):
-                # A distinct seed per restart so the shorter side is reshuffled, never the same order twice.
-                loader.set_epoch(self._epoch * 100_003 + restarts)
+                # A distinct seed per restart so the shorter side is reshuffled, never the same order twice:
+                # first passes use the epoch itself (0, 1, ...), restarts (epoch + 1) * 100003 + restart.
+                loader.set_epoch((self._epoch + 1) * 100_003 + restarts)
 
     def __iter__(self) -> Iterator[dict]:
         zo_it, fo_it = self._cycle(self.zo_loader), self._cycle(self.fo_loader)
         for _ in range(len(self)):
             yield {"zo": next(zo_it), "fo": next(fo_it)}
+
+
+class _AddaxSteps(torch.utils.data.Dataset):
+    """The steps of the current epoch of an :class:`AddaxLoader`, by index, read in increasing order.
+
+    Step i is only reachable by drawing steps 0..i-1 first (the samplers and the restarts of the shorter side
+    are sequential), so a request past the next step draws and drops the ones in between (collating them, no
+    forward), and a request before it starts the epoch over; ``set_epoch`` starts it over too.
+    """
+
+    def __init__(self, loader: AddaxLoader):
+        self.loader = loader
+        self._it: Iterator[dict] | None = None
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def restart(self) -> None:
+        self._it, self._next = None, 0
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"step {index} of an Addax epoch of {len(self)} steps")
+        if self._it is None or index < self._next:
+            self._it, self._next = iter(self.loader), 0
+        while self._next < index:
+            next(self._it)
+            self._next += 1
+        self._next += 1
+        return next(self._it)
+
+
+class _AddaxStepSampler(torch.utils.data.Sampler):
+    """Batches of one step index, in order; ``set_epoch`` is the loader's (HF calls it on a resumed epoch)."""
+
+    def __init__(self, loader: AddaxLoader):
+        self.loader = loader
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return ([i] for i in range(len(self.loader)))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
 
 
 # -- the update -------------------------------------------------------------------------------------

@@ -120,8 +120,10 @@ def paired_perturbation(
     rows = {batch_size} | ({batch_size * seq_len} if seq_len else set())
     shared: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     half: list[int] = []  # the half an enclosing owner module is computing (a nested owner sees it only)
+    seen: set[str] = set()
 
     def pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.add(name)
         if name in shared:
             return shared[name]
         values = zo.perturbed_pair(name, step, direction, eps)
@@ -130,19 +132,20 @@ def paired_perturbation(
         return values
 
     def call_half(module, values, i, inner, args, kwargs):
-        originals = {attr: module._parameters[attr].data for attr in values}
-        for attr, v in values.items():
-            module._parameters[attr].data = v[i]
+        # By name, not module._parameters: an owner may hold a parameter through a ParameterDict child.
+        originals = {name: zo.params[name].data for name in values}
+        for name, v in values.items():
+            zo.params[name].data = v[i]
         half.append(i)
         try:
             return inner(*args, **kwargs)
         finally:
             half.pop()
-            for attr, data in originals.items():
-                module._parameters[attr].data = data
+            for name, data in originals.items():
+                zo.params[name].data = data
 
     def forward(module: nn.Module, owned: list[tuple[str, str]], inner, *args, **kwargs):
-        values = {attr: pair(name) for attr, name in owned}
+        values = {name: pair(name) for _, name in owned}
         if half:  # inside an owner's forward on one half: the inputs are that half already
             return call_half(module, values, half[-1], inner, args, kwargs)
         found = [False]
@@ -152,6 +155,8 @@ def paired_perturbation(
         return _join(out_plus, out_minus, rows, not found[0], type(module).__name__)
 
     patched = []
+    # After the first paired forward of the whole model, every trained parameter must have been paired.
+    coverage = zo.model.register_forward_hook(lambda m, args, out: zo.check_coverage(seen))
     try:
         for module, owned in zo._owners:
             # The forward found now may itself be an instance attribute (accelerate's hooks): put it back after.
@@ -159,6 +164,7 @@ def paired_perturbation(
             module.forward = functools.partial(forward, module, owned, module.forward)
         yield
     finally:
+        coverage.remove()
         for module, previous in patched:
             if previous is None:
                 del module.forward

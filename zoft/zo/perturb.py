@@ -85,6 +85,42 @@ def _kernel_ready(t: torch.Tensor) -> bool:
     return t.dtype in _KERNEL_DTYPES and t.is_contiguous()
 
 
+def _runs_forward(module: nn.Module) -> bool:
+    # Containers (ParameterDict, ParameterList, ModuleDict, ModuleList) have no forward of their own:
+    # whoever holds them reads their entries directly.
+    return type(module).forward is not nn.Module.forward
+
+
+def perturbation_owners(model: nn.Module, names_by_id: dict[int, str]) -> list[tuple[nn.Module, list[tuple[str, str]]]]:
+    """The modules whose forward sees each trained parameter, with ``(attribute path, parameter name)`` pairs.
+
+    A parameter belongs to the module that holds it, unless that module has no forward of its own (a
+    ``ParameterDict``, e.g. peft's ``lora_embedding_A`` / ``lora_embedding_B``, which ``lora.Embedding.forward``
+    reads directly): then to its nearest ancestor that has one, the path naming it from there
+    (``"lora_embedding_A.default"``). A tied parameter has several owners.
+
+    Args:
+        model: the model.
+        names_by_id: ``id(parameter) -> name`` of the trained parameters.
+    """
+    parents: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        for child_name, child in module._modules.items():
+            if child is not None:
+                parents.setdefault(id(child), (module, child_name))
+    owners: dict[int, tuple[nn.Module, list[tuple[str, str]]]] = {}
+    for module in model.modules():
+        for attr, p in module._parameters.items():
+            if p is None or id(p) not in names_by_id:
+                continue
+            owner, path = module, attr
+            while not _runs_forward(owner) and id(owner) in parents:
+                owner, child_name = parents[id(owner)]
+                path = f"{child_name}.{path}"
+            owners.setdefault(id(owner), (owner, []))[1].append((path, names_by_id[id(p)]))
+    return list(owners.values())
+
+
 def _is_no_decay(name: str, param: torch.Tensor) -> bool:
     # Weight decay is skipped for biases and norm weights (1-D tensors), as HF Trainer does.
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
@@ -141,19 +177,13 @@ class ZOParameters:
         for name, p in self.params.items():
             if master_weights == "fp32" or (master_weights == "auto" and p.dtype != torch.float32):
                 self.masters[name] = p.detach().to(torch.float32).clone()
-        # Modules that own a trained parameter directly; a tied parameter has several owners.
-        self._owners: list[tuple[nn.Module, list[tuple[str, str]]]] = []
-        owner_count: dict[int, int] = {}
-        for module in model.modules():
-            owned = [
-                (attr, self.names_by_id[id(p)])
-                for attr, p in module._parameters.items()
-                if p is not None and id(p) in self.names_by_id
-            ]
-            if owned:
-                self._owners.append((module, owned))
-                for _, name in owned:
-                    owner_count[name] = owner_count.get(name, 0) + 1
+        # The modules whose forward swaps in a trained parameter's perturbed value (a tied parameter has
+        # several): see perturbation_owners.
+        self._owners: list[tuple[nn.Module, list[tuple[str, str]]]] = perturbation_owners(model, self.names_by_id)
+        owner_count: dict[str, int] = {}
+        for _, owned in self._owners:
+            for _, name in owned:
+                owner_count[name] = owner_count.get(name, 0) + 1
         self._shared = {name for name, count in owner_count.items() if count > 1}
         # A module that clamps its values after an update (QZO's scales) must do so before the next
         # perturbation reads them, so its parameters are never updated and perturbed in one fused pass.
@@ -178,6 +208,7 @@ class ZOParameters:
         self.weight_passes = 0
         self.pending_update: Callable[[str], tuple[int, list[tuple[int, float]], float, float] | None] | None = None
         self._perturbing = 0
+        self._coverage_checked = False  # check_coverage passed once
 
     def adopt_z_generator(self, recorded: str) -> None:
         """Continue a run with the z generator it was started with (on resume from a checkpoint).
@@ -306,17 +337,19 @@ class ZOParameters:
         module's forward (tied parameters: until the context exits, so both users see one z).
         """
         originals: dict[str, torch.Tensor] = {}
+        seen: set[str] = set()
 
         def swap_in(module: nn.Module, owned: list[tuple[str, str]]) -> None:
-            for attr, name in owned:
+            for _attr, name in owned:
                 if name in originals:  # a tied parameter already swapped by its other owner
                     continue
-                p = module._parameters[attr]
+                p = self.params[name]
                 # A deferred update (ZO2) is applied to the stored tensor in place, so the original
                 # kept here is the updated one.
                 update = self.pending_update(name) if self.pending_update is not None else None
                 originals[name] = p.data
                 p.data = self.perturbed_value(name, step, direction, scale, update)
+                seen.add(name)
 
         def swap_out(owned: list[tuple[str, str]]) -> None:
             for _attr, name in owned:
@@ -327,6 +360,7 @@ class ZOParameters:
         for module, owned in self._owners:
             handles.append(module.register_forward_pre_hook(lambda m, args, owned=owned: swap_in(m, owned)))
             handles.append(module.register_forward_hook(lambda m, args, out, owned=owned: swap_out(owned)))
+        handles.append(self.model.register_forward_hook(lambda m, args, out: self.check_coverage(seen)))
         self._perturbing += 1
         try:
             yield
@@ -336,6 +370,29 @@ class ZOParameters:
                 h.remove()
             for name, data in originals.items():
                 self.params[name].data = data
+
+    def check_coverage(self, perturbed: set[str]) -> None:
+        """After the first perturbed forward of the whole model: every trained parameter was perturbed.
+
+        A parameter read where no hook of :meth:`perturbed` sees it (a module that uses another module's
+        weight directly, say) would never be perturbed, yet the update moves it along z every step: a random
+        walk the loss never sees. Checked once; later forwards are the same code path.
+
+        Raises:
+            ZoftError: one line naming the parameters that were not perturbed.
+        """
+        if self._coverage_checked:
+            return
+        missing = [name for name in self.params if name not in perturbed]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ZoftError(
+                f"zeroth-order training: {len(missing)} trained parameter(s) were not perturbed by the model's "
+                f"forward ({shown}): they are read outside the forward of the module holding them, so their "
+                "update would be a random walk; freeze them (requires_grad=False) or leave their module out of "
+                "peft.target_modules"
+            )
+        self._coverage_checked = True
 
     @property
     def perturbing(self) -> bool:
