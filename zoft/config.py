@@ -92,6 +92,12 @@ class DataSection(Section):
         description="classification: label value -> word scored after the template, "
         "e.g. {fresh: ' great', rotten: ' terrible'} (mind the leading space).",
     )
+    verbalizer_score: Literal["mean", "sum"] = Field(
+        "mean",
+        description="classification with a causal LM: how a verbalizer of several tokens is scored from its "
+        "tokens' log-probabilities. mean (MeZO's choice) does not favour the shorter word; sum is the word's "
+        "log-probability. The same for one-token words.",
+    )
     packing: bool = Field(False, description="text: concatenate rows and cut into max_length blocks.")
 
     @field_validator("verbalizers", mode="before")
