@@ -673,6 +673,9 @@ class Recipe(Section):
         deepspeed_problem = _deepspeed_combination_problem(self)
         if deepspeed_problem:
             raise ValueError(deepspeed_problem)
+        fsdp_problem = _fsdp_combination_problem(self)
+        if fsdp_problem:
+            raise ValueError(fsdp_problem)
         _qzo_addax_combinations(self)  # QZO / Addax
         paired_problem = _paired_forward_problem(self)
         if paired_problem:
@@ -815,6 +818,15 @@ def _deepspeed_combination_problem(recipe: Recipe) -> str | None:
         peft_init=recipe.peft.init if recipe.peft is not None else None,
         peft_optimizer=recipe.peft.optimizer if recipe.peft is not None else None,
     )
+
+
+def _fsdp_combination_problem(recipe: Recipe) -> str | None:
+    """train.fsdp (HF's FSDP key): the methods that need whole tensors are refused (zoft/fsdp.py)."""
+    from zoft.fsdp import TRAIN_KEY, fsdp_requested, recipe_problem
+
+    if not fsdp_requested((recipe.train.model_extra or {}).get("fsdp")):
+        return None
+    return recipe_problem(recipe, TRAIN_KEY)
 
 
 # --- QZO / Addax combination checks ---
