@@ -294,14 +294,30 @@ class LoraGASection(Section):
     )
 
 
+# zoft/lora/pro.py's EFFICIENT_REMOVED, the same line for the Python API (a test keeps them equal; config
+# stays torch-free).
+LORA_PRO_EFFICIENT_REMOVED = (
+    "'efficient' was removed: AdamW on LoRA-Pro's corrected A/B gradients trained worse than plain LoRA "
+    "(docs/lora.md); use 'full', the paper's Adam on the equivalent gradient (the default)"
+)
+
+
 class LoraProSection(Section):
     """LoRA-Pro optimizer settings (used when ``peft.optimizer`` is ``lora_pro``)."""
 
-    mode: Literal["efficient", "full"] = Field(
-        "efficient",
-        description="efficient: correct the A/B gradients, then AdamW on A and B (LoRA's memory); full: the "
-        "paper's Adam on the equivalent gradient, two fp32 moments the size of each adapted weight.",
+    mode: Literal["full"] = Field(
+        "full",
+        description="full: the paper's algorithm (and its authors' code): Adam on the equivalent gradient, with two "
+        "fp32 moments the size of each adapted weight, its direction mapped back onto A and B. The former "
+        "'efficient' mode (AdamW on corrected A/B gradients) trained worse than plain LoRA and was removed.",
     )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _removed_mode(cls, v: Any) -> Any:
+        if v == "efficient":
+            raise ValueError(LORA_PRO_EFFICIENT_REMOVED)
+        return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,8 +341,8 @@ class PeftSection(Section):
     lora_ga: LoraGASection = Field(default_factory=LoraGASection, description="LoRA-GA settings (peft.init lora_ga).")
     optimizer: Literal["default", "lora_pro"] = Field(
         "default",
-        description="default: the method's optimizer; lora_pro: LoRA-Pro, AdamW on gradients corrected so the "
-        "low-rank update best approximates the full gradient (method adamw only).",
+        description="default: the method's optimizer; lora_pro: LoRA-Pro, Adam on the full-weight gradient that the "
+        "adapters can best express, mapped back onto A and B (the paper's algorithm; method adamw only).",
     )
     lora_pro: LoraProSection = Field(
         default_factory=LoraProSection, description="LoRA-Pro settings (peft.optimizer lora_pro)."
