@@ -10,7 +10,12 @@ from transformers import Trainer, TrainingArguments
 
 from zoft.config import LORA_PRO_EFFICIENT_REMOVED
 from zoft.errors import ZoftError
-from zoft.lora.pro import EFFICIENT_REMOVED, create_lora_pro_optimizer, equivalent_gradient, lora_pro_gradients
+from zoft.lora.pro import (
+    EFFICIENT_REMOVED,
+    create_lora_pro_optimizer,
+    equivalent_gradient,
+    lora_pro_gradients,
+)
 
 
 def brute_force(A, B, G, s):
@@ -189,46 +194,45 @@ def test_errors():
 # ---- the default step against the paper's algorithm -------------------------------------------------------
 
 
+def paper_optimal_pair(A, B, s, ga, gb, solve_x):
+    """The authors' optimal (gA, gB) for LoRA's gradients (ga, gb), with or without the Sylvester X (float64).
+
+    At B = 0 (the first step) B^T B has no inverse: gA = LoRA's own gradient (0), as the authors do.
+    """
+    aat_inv = torch.linalg.inv(A @ A.T)
+    if bool((B == 0).all()):
+        return ga, gb @ aat_inv / s**2
+    btb_inv = torch.linalg.inv(B.T @ B)
+    new_a = btb_inv @ ga / s**2
+    new_b = (torch.eye(B.shape[0], dtype=B.dtype) - B @ btb_inv @ B.T) @ gb @ aat_inv / s**2
+    if solve_x:  # B^T B X + X A A^T = -(1/s^2) (B^T B)^-1 gA A^T, through its Kronecker form
+        r = A.shape[0]
+        eye_r = torch.eye(r, dtype=A.dtype)
+        kron = torch.kron((B.T @ B).contiguous(), eye_r) + torch.kron(eye_r, (A @ A.T).T.contiguous())
+        x = torch.linalg.solve(kron, (-(btb_inv @ ga @ A.T) / s**2).flatten()).reshape(r, r)
+        new_a, new_b = new_a + x @ A, new_b - B @ x
+    return new_a, new_b
+
+
 def paper_lora_pro(W0, A, B, s, loss_of_weight, steps, lr, betas=(0.9, 0.999), eps=1e-8):
     """The paper's Algorithm 1 in plain float64 torch, the way the authors' code runs it.
 
     Per step: G = dL/dW at W = W0 + s B A; LoRA's gradients s B^T G, s G A^T; their least-squares (X = 0)
     solution and equivalent gradient g~; Adam on g~ (bias-corrected); LoRA's gradients of Adam's direction D
-    replaced by the optimal pair (with the Sylvester X, solved here through its Kronecker form); plain SGD with
-    the optimal pair. At B = 0 (the first step) B^T B has no inverse: gA = LoRA's own gradient (0), as the
-    authors do. Returns the (A, B) after each step.
+    replaced by the optimal pair (with X); plain SGD with that pair. Returns the (A, B) after each step.
     """
     A, B = A.double().clone(), B.double().clone()
     m_, v_ = torch.zeros_like(W0, dtype=torch.float64), torch.zeros_like(W0, dtype=torch.float64)
-    eye_m = torch.eye(B.shape[0], dtype=torch.float64)
     out = []
     for t in range(1, steps + 1):
         W = (W0.double() + s * B @ A).requires_grad_(True)
         (G,) = torch.autograd.grad(loss_of_weight(W), W)
-        ga, gb = s * B.T @ G, s * G @ A.T
-        aat_inv = torch.linalg.inv(A @ A.T)
-        first = bool((B == 0).all())
-        btb_inv = None if first else torch.linalg.inv(B.T @ B)
-
-        def optimal(ga, gb, solve_x):
-            if first:
-                return ga, gb @ aat_inv / s**2
-            new_a = btb_inv @ ga / s**2
-            new_b = (eye_m - B @ btb_inv @ B.T) @ gb @ aat_inv / s**2
-            if solve_x:  # B^T B X + X A A^T = -(1/s^2) (B^T B)^-1 gA A^T
-                r = A.shape[0]
-                kron = torch.kron((B.T @ B).contiguous(), torch.eye(r, dtype=torch.float64)) + torch.kron(
-                    torch.eye(r, dtype=torch.float64), (A @ A.T).T.contiguous())
-                x = torch.linalg.solve(kron, (-(btb_inv @ ga @ A.T) / s**2).flatten()).reshape(r, r)
-                new_a, new_b = new_a + x @ A, new_b - B @ x
-            return new_a, new_b
-
-        a_star, b_star = optimal(ga, gb, solve_x=False)
+        a_star, b_star = paper_optimal_pair(A, B, s, s * B.T @ G, s * G @ A.T, solve_x=False)
         equiv = s * (B @ a_star + b_star @ A)
         m_ = betas[0] * m_ + (1 - betas[0]) * equiv
         v_ = betas[1] * v_ + (1 - betas[1]) * equiv**2
         direction = (m_ / (1 - betas[0] ** t)) / ((v_ / (1 - betas[1] ** t)).sqrt() + eps)
-        new_a, new_b = optimal(s * B.T @ direction, s * direction @ A.T, solve_x=True)
+        new_a, new_b = paper_optimal_pair(A, B, s, s * B.T @ direction, s * direction @ A.T, solve_x=True)
         A, B = A - lr * new_a, B - lr * new_b
         out.append((A.clone(), B.clone()))
     return out
