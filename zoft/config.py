@@ -123,11 +123,15 @@ NATURAL_GALORE_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "scale": 0.25,
     "history": 20,
-    "damping": 1.0,
+    "damping_mode": "absolute",
+    "damping": 1e-3,
     "target_modules": "all-linear",
     "layerwise": False,
     "refresh": "reproject",
 }
+# method.damping when method.damping_mode is relative and damping is not set (natural_galore.py's
+# DEFAULT_RELATIVE_DAMPING).
+NATURAL_GALORE_RELATIVE_DAMPING = 1.0
 
 
 class MethodSection(Section):
@@ -221,11 +225,19 @@ class MethodSection(Section):
         description="natural_galore: s, the last s projected gradients whose empirical Fisher preconditions the "
         "step through an s x s solve (default 20; 0 = plain GaLore). Costs s projected-gradient copies per weight.",
     )
+    damping_mode: Literal["absolute", "relative"] | None = Field(
+        None,
+        description="natural_galore: absolute (default; the paper's and its code's): the Fisher is "
+        "lambda I + G G^T with lambda = method.damping (default 1e-3); relative: lambda = method.damping (default "
+        "1.0) x the window's mean squared gradient norm, the same for every layer and loss scale but far weaker "
+        "whitening at 1.0 (docs/natural_galore.md).",
+    )
     damping: float | None = Field(
         None,
         gt=0,
-        description="natural_galore: Fisher damping relative to the window's mean squared gradient norm "
-        "(default 1.0); larger is closer to plain GaLore, smaller whitens harder.",
+        description="natural_galore: the Fisher damping lambda (damping_mode absolute, default 1e-3) or its factor "
+        "on the window's mean squared gradient norm (relative, default 1.0); larger is closer to plain GaLore, "
+        "smaller whitens harder.",
     )
     target_modules: list[str] | str | None = Field(
         None,
@@ -252,6 +264,8 @@ class MethodSection(Section):
     def _from_name(cls, v: Any) -> Any:
         v = {"name": v} if isinstance(v, str) else v
         if isinstance(v, dict) and v.get("name") == "natural_galore":
+            if v.get("damping_mode") == "relative" and v.get("damping") is None:
+                v = {**v, "damping": NATURAL_GALORE_RELATIVE_DAMPING}
             v = {**v, **{k: d for k, d in NATURAL_GALORE_DEFAULTS.items() if v.get(k) is None}}
         return v
 
