@@ -1,4 +1,4 @@
-"""LoRA vs LoRA-GA vs LoRA-GA + LoRA-Pro vs full fine-tuning on the real SmolLM2-135M.
+"""LoRA vs LoRA-Pro vs LoRA-GA vs LoRA-GA + LoRA-Pro vs full fine-tuning on the real SmolLM2-135M.
 
 Task: Rotten Tomatoes reviews as prompt + label completion ("Review: ...\\nSentiment: fresh"), causal-LM
 loss on every token, the same fixed batches for every run. For each method and learning rate it
@@ -9,7 +9,9 @@ logit at the label position), seconds per step and peak resident memory, and rat
     python scripts/bench_lora.py --steps 30 --batch-size 8 --lr-grid   # the larger setting (GPU / idle CPU)
 
 Defaults fit about 5 minutes on an idle 2-core CPU (one learning rate per method, see LRS);
-``--lr-grid`` runs two per method.
+``--lr-grid`` runs two per method. ``--methods lora,lora_pro,lora_pro_efficient_removed`` compares zoft's
+LoRA-Pro (the paper's algorithm) with plain LoRA and with the removed "efficient" mode (AdamW on LoRA-Pro's
+corrected A/B gradients, rebuilt here from ``lora_pro_gradients``).
 """
 
 from __future__ import annotations
@@ -26,8 +28,10 @@ import torch
 # One learning rate per method, each the usual order for a short run: adapters move with AdamW at
 # ~lr per step whatever their scale, so LoRA-family runs share one value; full fine-tuning of all
 # 135M weights needs a much smaller one. --lr-grid adds a second value (x3 / x5) per method.
-LRS = {"lora": [1e-3], "lora_ga": [1e-3], "lora_ga_pro": [1e-3], "full": [2e-5]}
-LR_GRID = {"lora": [1e-3, 3e-3], "lora_ga": [1e-3, 3e-3], "lora_ga_pro": [1e-3, 3e-3], "full": [2e-5, 1e-4]}
+LRS = {"lora": [1e-3], "lora_ga": [1e-3], "lora_ga_pro": [1e-3], "full": [2e-5], "lora_pro": [1e-3],
+       "lora_pro_efficient_removed": [1e-3]}
+LR_GRID = {"lora": [1e-3, 3e-3], "lora_ga": [1e-3, 3e-3], "lora_ga_pro": [1e-3, 3e-3], "full": [2e-5, 1e-4],
+           "lora_pro": [1e-3, 1e-4], "lora_pro_efficient_removed": [1e-3, 3e-3]}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -118,6 +122,7 @@ def run_one(method, lr, model_path, train_batches, held, verbalizers, args):
     from transformers import AutoModelForCausalLM
 
     from zoft.lora import create_lora_pro_optimizer, init_lora_ga
+    from zoft.lora.pro import find_lora_pairs, lora_pro_gradients
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
@@ -126,13 +131,13 @@ def run_one(method, lr, model_path, train_batches, held, verbalizers, args):
     t0 = time.perf_counter()
     if method == "full":
         params = [p for p in model.parameters() if p.requires_grad]
-    elif method == "lora":
+    elif method in ("lora", "lora_pro", "lora_pro_efficient_removed"):
         model = get_peft_model(model, LoraConfig(**lora))
     else:
         model = init_lora_ga(model, lora, train_batches[: args.ga_batches], num_batches=args.ga_batches)
     init_s = time.perf_counter() - t0
-    if method == "lora_ga_pro":
-        optimizer = create_lora_pro_optimizer(model, lr=lr)
+    if method in ("lora_ga_pro", "lora_pro"):
+        optimizer = create_lora_pro_optimizer(model, lr=lr)  # the paper's algorithm
     else:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -142,6 +147,11 @@ def run_one(method, lr, model_path, train_batches, held, verbalizers, args):
         t = time.perf_counter()
         loss = model(**batch).loss
         loss.backward()
+        if method == "lora_pro_efficient_removed":  # zoft's former default: corrected gradients, then AdamW
+            for pair in find_lora_pairs(model):
+                new_a, new_b = lora_pro_gradients(pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling)
+                pair.A.grad.copy_(new_a)
+                pair.B.grad.copy_(new_b)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step_times.append(time.perf_counter() - t)

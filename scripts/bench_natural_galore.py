@@ -22,7 +22,8 @@ import time
 CONFIGS = {
     "adamw": "torch.optim.AdamW (baseline)",
     "galore": "galore-torch GaLoreAdamW",
-    "natural_galore": "NaturalGaLore",
+    "natural_galore": "NaturalGaLore (absolute lambda, the paper's)",
+    "natural_galore_relative": "NaturalGaLore, damping_mode relative",
     "natural_galore_layerwise": "NaturalGaLore, layer-wise",
     "natural_galore_s4": "NaturalGaLore, history 4",
 }
@@ -99,9 +100,12 @@ def _make_optimizer(name: str, model, args):
             warnings.simplefilter("ignore", FutureWarning)
             return GaLoreAdamW(groups, lr=args.lr, weight_decay=0.0)
     history = 4 if name == "natural_galore_s4" else args.history
+    if name == "natural_galore_relative":
+        damping = {"damping_mode": "relative", "damping": args.relative_damping}
+    else:  # the default mode (absolute); --damping overrides its lambda
+        damping = {} if args.damping is None else {"damping": args.damping}
     return create_natural_galore_optimizer(
-        model, lr=args.lr, history=history, damping=args.damping,
-        layerwise=name == "natural_galore_layerwise", **galore,
+        model, lr=args.lr, history=history, layerwise=name == "natural_galore_layerwise", **galore, **damping
     )
 
 
@@ -164,7 +168,10 @@ def main() -> None:
     parser.add_argument("--update-proj-gap", type=int, default=200)
     parser.add_argument("--scale", type=float, default=0.25)
     parser.add_argument("--history", type=int, default=20)
-    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument("--damping", type=float, default=None,
+                        help="lambda of the default (absolute) damping mode; default: the optimizer's (1e-3)")
+    parser.add_argument("--relative-damping", type=float, default=1.0,
+                        help="damping of the natural_galore_relative row (factor on the window's mean |g|^2)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -187,13 +194,16 @@ def main() -> None:
         f"device: CPU ({cpu}, {os.cpu_count()} cores, torch threads {args.threads}), torch {torch.__version__}, "
         f"Python {platform.python_version()}; model SmolLM2-135M fp32; batch {BATCH} x {SEQ} tokens, "
         f"{args.steps} steps, lr {args.lr}; GaLore rank {args.rank}, T {args.update_proj_gap}, "
-        f"scale {args.scale}; Natural GaLore history {args.history}, damping {args.damping}"
+        f"scale {args.scale}; Natural GaLore history {args.history}, damping {args.damping or 'default (1e-3)'}, "
+        f"relative row: damping {args.relative_damping}"
     )
     results = []
     for name in args.configs.split(","):
         cmd = [sys.executable, __file__, "--worker", name]
-        for key in ("steps", "lr", "rank", "update_proj_gap", "scale", "history", "damping", "threads"):
-            cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
+        for key in ("steps", "lr", "rank", "update_proj_gap", "scale", "history", "damping", "relative_damping",
+                    "threads"):
+            if getattr(args, key) is not None:
+                cmd += ["--" + key.replace("_", "-"), str(getattr(args, key))]
         t0 = time.time()
         out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -129,6 +129,53 @@ def test_plain_trainer_with_callback_from_recipe_trains_bit_identically_to_the_r
     assert not any(isinstance(m, WTACRSLinear) for m in user.model.modules())
 
 
+def test_lora_pro_callback_takes_the_papers_step(tiny_llama_dir, sentiment_csv, tmp_path, plain_lora):
+    """ZoftCallback(lora_pro=True) in a plain Trainer with AdamW trains exactly as the paper's LoRA-Pro optimizer."""
+    recipe = _recipe(tiny_llama_dir, sentiment_csv, tmp_path / "recipe",
+                     peft={**LORA, "optimizer": "lora_pro", "lora_pro": {"mode": "full"}})
+    reference = _recipe_trainer(recipe)  # create_lora_pro_optimizer(mode="full") in HF's optimizer slot
+    callback = ZoftCallback(lora_pro=True)
+    user = _user_trainer(tiny_llama_dir, sentiment_csv, tmp_path / "user", [callback], recipe)
+    _assert_same_parameters(_trained(reference), _trained(user))
+    assert _differs(_trained(user), plain_lora)
+    assert callback.describe().startswith("LoRA-Pro (Adam on the equivalent gradient, 4 adapter pairs)")
+    # The pairs' moments live in the user's optimizer state (HF checkpoints them), one m x n pair per layer.
+    pair = callback._pairs[0]
+    state = user.optimizer.state[pair.A]
+    assert state["lora_pro_step"] == 2 and state["lora_pro_exp_avg"].shape == (pair.B.shape[0], pair.A.shape[1])
+
+
+@pytest.mark.parametrize(
+    "args, env, line",
+    [
+        ({"fsdp": "full_shard auto_wrap", "fp16": False}, None,
+         "ZoftCallback(lora_pro=True): TrainingArguments.fsdp: LoRA-Pro needs each adapter's whole A and B matrices and "
+         "their gradients, which FSDP shards across ranks; train without FSDP (several GPUs: DDP)"),
+        ({"fsdp": None, "fp16": False}, "true",
+         "ZoftCallback(lora_pro=True): accelerate launch with FSDP (ACCELERATE_USE_FSDP=true): LoRA-Pro needs each "
+         "adapter's whole A and B matrices and their gradients, which FSDP shards across ranks; train without FSDP "
+         "(several GPUs: DDP)"),
+        ({"fsdp": None, "fp16": True}, None,
+         "ZoftCallback(lora_pro=True): fp16's loss scaler unscales the gradients inside your optimizer's step, after "
+         "LoRA-Pro's; use bf16 or float32"),
+    ],
+    ids=["train-fsdp", "accelerate-fsdp", "fp16"],
+)
+def test_lora_pro_callback_refuses_fsdp_and_fp16_at_train_begin(monkeypatch, args, env, line):
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerControl, TrainerState
+
+    if env is not None:
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", env)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+    callback = ZoftCallback(lora_pro=True, metrics=False)
+    with pytest.raises(ZoftError) as info:
+        callback.on_train_begin(SimpleNamespace(**args), TrainerState(), TrainerControl(), model=model)
+    assert str(info.value) == line
+
+
 def test_flashdp_callback_gives_the_recipe_paths_weights_losses_and_epsilon(
     tiny_llama_dir, sentiment_csv, tmp_path, plain_lora
 ):
@@ -199,16 +246,12 @@ HINT = "use zoft.ZoftTrainer (a drop-in for transformers.Trainer) or `zoft train
          "peft.init 'lora_ga' initializes the adapters from gradients before the Trainer exists; call "
          "zoft.lora.ga.init_lora_ga(model, lora_config, batches, num_batches) in your script instead, or use "
          "`zoft train`"),
-        ({"method": "adamw", "peft": {**LORA, "optimizer": "lora_pro", "lora_pro": {"mode": "full"}}},
-         "peft.lora_pro.mode 'full' is an optimizer (Adam moments of each adapted weight's full shape); pass "
-         "zoft.lora.pro.create_lora_pro_optimizer(model, lr, mode='full') as Trainer(optimizers=(optimizer, None)), "
-         "or use mode 'efficient' with this callback"),
         ({"method": "adamw", "privacy": {**FLASHDP, "sampling": "poisson"}},
          "privacy.sampling 'poisson' (the default) draws every batch by Poisson sampling, which needs zoft's data "
          "loader; use zoft.ZoftTrainer, or set privacy.sampling: shuffle to clip and noise your Trainer's "
          "fixed-size batches (epsilon is then an approximation, not a proven bound)"),
     ],
-    ids=["mezo", "default-method", "qzo", "addax", "dpzero", "zo2", "distzo2", "lora_ga", "lora_pro_full", "poisson"],
+    ids=["mezo", "default-method", "qzo", "addax", "dpzero", "zo2", "distzo2", "lora_ga", "poisson"],
 )
 def test_from_recipe_refuses_what_a_callback_cannot_do_with_one_line(sections, line):
     with pytest.raises(ZoftError) as info:
@@ -258,15 +301,14 @@ def test_an_optimizer_method_is_refused_with_the_optimizer_slot_named():
          "Trainer's fixed-size batches (epsilon is then an approximation, not a proven bound)"),
         ({"privacy": {**FLASHDP, "method": "dpzero"}},
          f"ZoftCallback(privacy=...): privacy.method 'dpzero' is for zeroth-order training; {HINT}"),
-        ({"lora_pro": "full"}, "ZoftCallback(lora_pro='full'): peft.lora_pro.mode 'full' is an optimizer (Adam moments "
-                               "of each adapted weight's full shape); pass zoft.lora.pro.create_lora_pro_optimizer("
-                               "model, lr, mode='full') as Trainer(optimizers=(optimizer, None)), or use "
-                               "lora_pro=True with this callback"),
+        ({"lora_pro": "efficient"}, "ZoftCallback(lora_pro='efficient'): 'efficient' was removed: AdamW on LoRA-Pro's "
+                                    "corrected A/B gradients trained worse than plain LoRA (docs/lora.md); use "
+                                    "lora_pro=True, the paper's Adam on the equivalent gradient (the default)"),
         ({"lora_pro": True, "privacy": FLASHDP},
          "ZoftCallback: lora_pro with privacy is not supported (the private step has its own gradient pipeline); "
          "drop one"),
     ],
-    ids=["ratio", "wta-type", "privacy-key", "poisson", "dpzero", "lora-pro-full", "pro+privacy"],
+    ids=["ratio", "wta-type", "privacy-key", "poisson", "dpzero", "lora-pro-efficient", "pro+privacy"],
 )
 def test_keyword_mistakes_get_one_line(kwargs, line):
     with pytest.raises(ZoftError) as info:

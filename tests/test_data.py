@@ -74,25 +74,30 @@ def test_classification_tokenizes_template_and_maps_labels(tok, sentiment_csv):
                                                tok(" terrible", add_special_tokens=False)["input_ids"][0]]
 
 
-def test_multi_token_verbalizers_sum_token_log_probs(tok, tiny_llama_dir, sentiment_csv):
+@pytest.mark.parametrize("score", [None, "mean", "sum"])
+def test_multi_token_verbalizers_score_the_mean_token_log_prob_by_default(tok, tiny_llama_dir, sentiment_csv, score):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    words = [" really truly great", " terrible"]  # different token lengths: the sum favours the short one
+    extra = {} if score is None else {"verbalizer_score": score}
     cfg = _cfg(train=sentiment_csv, format="classification", template="{text} It was",
-               verbalizers={"fresh": " really great", "rotten": " terrible"})
+               verbalizers={"fresh": words[0], "rotten": words[1]}, **extra)
     data = build_datasets(cfg, tok)
-    assert not data.collator.single_token
-    rows = [data.train[0], data.train[1]]
+    assert [len(c) for c in data.collator.candidates] == [3, 1]
+    rows = [data.train[i] for i in range(3)]  # different lengths -> left padding in the batch
+    reduce = torch.sum if score == "sum" else torch.mean  # MeZO's default: the mean over the word's tokens
     with torch.no_grad():
         scores = verbalizer_scores(model, data.collator(rows))
-        # Reference: score each (prompt, word) pair alone, unpadded.
+        # Reference: plain transformers on each (prompt, word) pair alone, unpadded.
         for i, row in enumerate(rows):
-            for c, word in enumerate([" really great", " terrible"]):
+            for c, word in enumerate(words):
                 w = tok(word, add_special_tokens=False)["input_ids"]
                 ids = torch.tensor([row["input_ids"] + w])
                 logp = model(ids).logits[0, :-1].log_softmax(-1)
-                ref = sum(logp[len(row["input_ids"]) - 1 + j, t] for j, t in enumerate(w))
-                assert scores[i, c].item() == pytest.approx(ref.item(), abs=1e-4)
+                positions = torch.arange(len(w)) + len(row["input_ids"]) - 1
+                ref = reduce(logp[positions].gather(-1, torch.tensor(w)[:, None]).squeeze(-1))
+                assert scores[i, c].item() == pytest.approx(ref.item(), abs=1e-5)
 
 
 def test_single_token_fast_path_matches_unpadded_reference(tok, tiny_llama_dir, sentiment_csv):
@@ -137,3 +142,39 @@ def test_bad_rows_and_files_name_the_file_row_and_fix(tok, tmp_path, sentiment_c
     with pytest.raises(DataError, match=r"template may only name columns"):
         build_datasets(_cfg(train=sentiment_csv, format="classification", template="{review} was",
                             verbalizers={"fresh": " a", "rotten": " b"}), tok)
+
+
+def test_trainer_evaluates_and_trains_on_mean_verbalizer_scores(tok, tiny_llama_dir, sentiment_csv, tmp_path):
+    """eval_loss / eval_accuracy and the training loss of a recipe use the mean token log-probability."""
+    from conftest import tiny_recipe
+
+    from zoft import run
+    from zoft.config import validate_recipe
+
+    words = {"fresh": " really truly great", "rotten": " terrible"}
+    recipe = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "out", method="adamw",
+                                         data={"verbalizers": words, "max_eval_samples": 8}))
+    trainer = run.build_trainer(recipe)
+    model = trainer.model.eval()
+    word_ids = [tok(w, add_special_tokens=False)["input_ids"] for w in words.values()]
+
+    def reference_scores(rows):
+        out = torch.empty(len(rows), len(word_ids))
+        for i, row in enumerate(rows):
+            for c, w in enumerate(word_ids):
+                logp = model(torch.tensor([row["input_ids"] + w])).logits[0, :-1].log_softmax(-1)
+                positions = torch.arange(len(w)) + len(row["input_ids"]) - 1
+                out[i, c] = logp[positions].gather(-1, torch.tensor(w)[:, None]).mean()
+        return out
+
+    held = [trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))]
+    with torch.no_grad():
+        ref = reference_scores(held)
+        labels = torch.tensor([r["cls_label"] for r in held])
+        metrics = trainer.evaluate()
+        assert metrics["eval_loss"] == pytest.approx(torch.nn.functional.cross_entropy(ref, labels).item(), abs=1e-5)
+        assert metrics["eval_accuracy"] == (ref.argmax(-1) == labels).float().mean().item()
+        rows = [trainer.train_dataset[i] for i in range(4)]
+        loss = trainer.compute_loss(model, trainer.data_collator(rows))
+        want = torch.nn.functional.cross_entropy(reference_scores(rows), torch.tensor([r["cls_label"] for r in rows]))
+        assert loss.item() == pytest.approx(want.item(), abs=1e-5)

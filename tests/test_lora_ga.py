@@ -192,3 +192,26 @@ def test_bad_configs(base_dir, tmp_path):
         init_lora_ga(ga, LORA, fixed_batches(), 1)
     with pytest.raises(ZoftError, match="needs the step-0 adapter"):
         save_lora_ga_adapter(ga, tmp_path / "out")
+
+
+@pytest.mark.parametrize("gamma", [2.5, 0.5])
+def test_stable_scale_keeps_a_non_integer_gamma(base_dir, gamma):
+    # peft's "stable" scale: B = U[:, r:2r] diag(S[r:2r]) * out**0.25 / sqrt(gamma); gamma 2.5 was cut to 2
+    # (B 12% too large) and 0.5 to 0 (a division by zero) when handed to peft as an int.
+    batches = fixed_batches()
+    reference = load_base(base_dir)
+    grads = estimate_target_gradients(reference, target_weights(reference), batches, num_batches=3)
+    model = init_lora_ga(load_base(base_dir), LORA, batches, num_batches=3, scale="stable", stable_gamma=gamma)
+    r = LORA["r"]
+    checked = 0
+    for name, module in model.named_modules():
+        if not (hasattr(module, "lora_B") and "default" in module.lora_B):
+            continue
+        grad = grads[name.removeprefix("base_model.model.")]
+        singular = torch.linalg.svdvals(grad.double())
+        expected = singular[r : 2 * r] * grad.shape[0] ** 0.25 / gamma**0.5
+        column_norms = module.lora_B["default"].weight.double().norm(dim=0)  # sign-free: |U_j| = 1
+        torch.testing.assert_close(column_norms, expected, rtol=1e-2, atol=0)
+        checked += 1
+    assert checked == 2 * len(TARGETS)
+    assert model.peft_config["default"].lora_ga_config.stable_gamma == gamma  # saved as given

@@ -1,4 +1,5 @@
-"""LoRA-Pro: the corrected gradients against a brute-force least-squares solve, the HF Trainer path, errors."""
+"""LoRA-Pro: the optimal gradients against a brute-force least-squares solve, the default step against a plain-torch
+implementation of the paper's Algorithm 1 (as the authors' code runs it), the HF Trainer path, errors."""
 
 import pytest
 import torch
@@ -7,8 +8,14 @@ from datasets import Dataset
 from peft import IA3Config, LoraConfig, get_peft_model
 from transformers import Trainer, TrainingArguments
 
+from zoft.config import LORA_PRO_EFFICIENT_REMOVED
 from zoft.errors import ZoftError
-from zoft.lora.pro import create_lora_pro_optimizer, equivalent_gradient, lora_pro_gradients
+from zoft.lora.pro import (
+    EFFICIENT_REMOVED,
+    create_lora_pro_optimizer,
+    equivalent_gradient,
+    lora_pro_gradients,
+)
 
 
 def brute_force(A, B, G, s):
@@ -123,7 +130,7 @@ def test_hf_trainer_step_decreases_loss(tmp_path):
     after = mean_loss(model, data)
     assert after < before - 0.05, (before, after)
     # The Trainer stepped this optimizer (not one of its own) once per training step.
-    assert optimizer.state[optimizer.lora_pro_pairs[0].A]["step"] == 6
+    assert optimizer.state[optimizer.lora_pro_pairs[0].A]["lora_pro_step"] == 6
 
 
 def test_full_mode_first_step_is_projected_adam_direction():
@@ -168,6 +175,13 @@ def test_errors():
         create_lora_pro_optimizer(ia3, lr=1e-3)
     with pytest.raises(ZoftError, match="unknown mode 'fast'"):
         create_lora_pro_optimizer(tiny_lora_llama(), lr=1e-3, mode="fast")
+    with pytest.raises(ZoftError) as info:
+        create_lora_pro_optimizer(tiny_lora_llama(), lr=1e-3, mode="efficient")
+    assert str(info.value) == (
+        "LoRA-Pro: mode 'efficient' was removed: AdamW on LoRA-Pro's corrected A/B gradients trained worse than "
+        "plain LoRA (docs/lora.md); use 'full', the paper's Adam on the equivalent gradient (the default)"
+    )
+    assert EFFICIENT_REMOVED == LORA_PRO_EFFICIENT_REMOVED  # the recipe's line is the API's
     with pytest.raises(ZoftError, match="does not support DoRA"):
         create_lora_pro_optimizer(tiny_lora_llama(use_dora=True), lr=1e-3)
     emb = get_peft_model(
@@ -175,3 +189,73 @@ def test_errors():
     )
     with pytest.raises(ZoftError, match="'base_model.model.0' is an embedding LoRA layer"):
         create_lora_pro_optimizer(emb, lr=1e-3)
+
+
+# ---- the default step against the paper's algorithm -------------------------------------------------------
+
+
+def paper_optimal_pair(A, B, s, ga, gb, solve_x):
+    """The authors' optimal (gA, gB) for LoRA's gradients (ga, gb), with or without the Sylvester X (float64).
+
+    At B = 0 (the first step) B^T B has no inverse: gA = LoRA's own gradient (0), as the authors do.
+    """
+    aat_inv = torch.linalg.inv(A @ A.T)
+    if bool((B == 0).all()):
+        return ga, gb @ aat_inv / s**2
+    btb_inv = torch.linalg.inv(B.T @ B)
+    new_a = btb_inv @ ga / s**2
+    new_b = (torch.eye(B.shape[0], dtype=B.dtype) - B @ btb_inv @ B.T) @ gb @ aat_inv / s**2
+    if solve_x:  # B^T B X + X A A^T = -(1/s^2) (B^T B)^-1 gA A^T, through its Kronecker form
+        r = A.shape[0]
+        eye_r = torch.eye(r, dtype=A.dtype)
+        kron = torch.kron((B.T @ B).contiguous(), eye_r) + torch.kron(eye_r, (A @ A.T).T.contiguous())
+        x = torch.linalg.solve(kron, (-(btb_inv @ ga @ A.T) / s**2).flatten()).reshape(r, r)
+        new_a, new_b = new_a + x @ A, new_b - B @ x
+    return new_a, new_b
+
+
+def paper_lora_pro(W0, A, B, s, loss_of_weight, steps, lr, betas=(0.9, 0.999), eps=1e-8):
+    """The paper's Algorithm 1 in plain float64 torch, the way the authors' code runs it.
+
+    Per step: G = dL/dW at W = W0 + s B A; LoRA's gradients s B^T G, s G A^T; their least-squares (X = 0)
+    solution and equivalent gradient g~; Adam on g~ (bias-corrected); LoRA's gradients of Adam's direction D
+    replaced by the optimal pair (with X); plain SGD with that pair. Returns the (A, B) after each step.
+    """
+    A, B = A.double().clone(), B.double().clone()
+    m_, v_ = torch.zeros_like(W0, dtype=torch.float64), torch.zeros_like(W0, dtype=torch.float64)
+    out = []
+    for t in range(1, steps + 1):
+        W = (W0.double() + s * B @ A).requires_grad_(True)
+        (G,) = torch.autograd.grad(loss_of_weight(W), W)
+        a_star, b_star = paper_optimal_pair(A, B, s, s * B.T @ G, s * G @ A.T, solve_x=False)
+        equiv = s * (B @ a_star + b_star @ A)
+        m_ = betas[0] * m_ + (1 - betas[0]) * equiv
+        v_ = betas[1] * v_ + (1 - betas[1]) * equiv**2
+        direction = (m_ / (1 - betas[0] ** t)) / ((v_ / (1 - betas[1] ** t)).sqrt() + eps)
+        new_a, new_b = paper_optimal_pair(A, B, s, s * B.T @ direction, s * direction @ A.T, solve_x=True)
+        A, B = A - lr * new_a, B - lr * new_b
+        out.append((A.clone(), B.clone()))
+    return out
+
+
+def test_default_step_is_the_papers_algorithm_for_several_steps():
+    torch.manual_seed(0)
+    m, n, r, lr = 10, 12, 3, 2e-2
+    net = torch.nn.Sequential(torch.nn.Linear(n, m, bias=False))
+    model = get_peft_model(net, LoraConfig(r=r, lora_alpha=6, target_modules=["0"]))  # peft's init: B = 0
+    layer = model.base_model.model[0]
+    A, B, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.scaling["default"]
+    W0 = layer.base_layer.weight.detach().clone()
+    x, y = torch.randn(64, n), torch.randn(64, m) @ torch.randn(m, m) * 0.5
+    steps = 5
+    want = paper_lora_pro(W0, A.detach(), B.detach(), s, lambda w: ((x.double() @ w.T - y.double()) ** 2).mean(),
+                          steps, lr)
+
+    optimizer = create_lora_pro_optimizer(model, lr=lr)  # the default: what a recipe and the callback run
+    for t in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        torch.testing.assert_close(A.detach().double(), want[t][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(B.detach().double(), want[t][1], rtol=1e-4, atol=1e-6)
+    assert (B.detach() != 0).all() and (A.detach() - want[0][0]).abs().max() > 1e-3  # both factors moved

@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from zoft import run
 from zoft.config import validate_recipe
 from zoft.errors import RecipeError, ZoftError
-from zoft.lora.pro import LoraProAdamW, find_lora_pairs, lora_pro_gradients
+from zoft.lora.pro import LoraProAdamW, find_lora_pairs, lora_pro_step
 
 LORA = {"method": "lora", "r": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]}
 ADAMW = {"name": "adamw"}
@@ -118,13 +118,12 @@ class _Capture(TrainerCallback):
         self.after.append([(p.A.grad.clone(), p.B.grad.clone()) for p in find_lora_pairs(self.trainer.model)])
 
 
-@pytest.mark.parametrize("mode", ["efficient", "full"])
-def test_lora_pro_recipe_uses_the_lora_pro_optimizer_on_corrected_gradients(
-    tiny_llama_dir, sentiment_csv, tmp_path, mode
-):
-    recipe = _recipe(tiny_llama_dir, sentiment_csv, tmp_path / mode,
-                     peft={**LORA, "optimizer": "lora_pro", "lora_pro": {"mode": mode}},
+@pytest.mark.parametrize("mode", [None, "full"])
+def test_lora_pro_recipe_takes_the_papers_step_with_the_scheduled_lr(tiny_llama_dir, sentiment_csv, tmp_path, mode):
+    peft = {**LORA, "optimizer": "lora_pro", **({"lora_pro": {"mode": mode}} if mode else {})}
+    recipe = _recipe(tiny_llama_dir, sentiment_csv, tmp_path / str(mode), peft=peft,
                      train={"lr_scheduler_type": "linear", "max_steps": 3, "max_grad_norm": 0.0})
+    assert recipe.peft.lora_pro.mode == "full"  # the paper's algorithm is the default
     trainer = run.build_trainer(recipe)
     capture = _Capture()
     capture.trainer = trainer
@@ -132,16 +131,18 @@ def test_lora_pro_recipe_uses_the_lora_pro_optimizer_on_corrected_gradients(
     trainer.train()
 
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
-    assert isinstance(opt, LoraProAdamW) and opt.lora_pro_mode == mode
+    assert isinstance(opt, LoraProAdamW) and opt.lora_pro_mode == "full"
     # HF's linear schedule drives it: lr_k = lr * (1 - k / max_steps)
     assert capture.lrs == pytest.approx([5e-3 * (1 - k / 3) for k in range(3)])
-    if mode == "efficient":  # the step replaced each pair's gradients by LoRA-Pro's, computed here by hand
-        for before, after in zip(capture.before[1:], capture.after[1:]):  # step 0 has B = 0 (gA* = 0)
-            for (a, b, ga, gb, s), (new_ga, new_gb) in zip(before, after):
-                want_a, want_b = lora_pro_gradients(a, b, ga, gb, s)
-                torch.testing.assert_close(new_ga, want_a, rtol=1e-5, atol=1e-8)
-                torch.testing.assert_close(new_gb, want_b, rtol=1e-5, atol=1e-8)
-                assert not torch.allclose(new_gb, gb)  # the correction changed something
+    # Each step is lora_pro_step on the pair's weights and raw gradients with that lr (moments carried over).
+    states = [{} for _ in capture.before[0]]
+    for k in range(2):
+        for i, ((a, b, ga, gb, s), (a_next, b_next, *_)) in enumerate(zip(capture.before[k], capture.before[k + 1])):
+            a, b = a.clone(), b.clone()
+            lora_pro_step(a, b, ga, gb, s, states[i], lr=capture.lrs[k])
+            torch.testing.assert_close(a, a_next, rtol=1e-5, atol=1e-8)
+            torch.testing.assert_close(b, b_next, rtol=1e-5, atol=1e-8)
+            assert not torch.equal(b, capture.before[k][i][1])  # the step moved B
 
 
 @pytest.mark.parametrize(
@@ -158,6 +159,9 @@ def test_lora_pro_recipe_uses_the_lora_pro_optimizer_on_corrected_gradients(
          "peft.optimizer 'lora_pro' corrects LoRA gradients, not peft.method 'prefix_tuning'; use peft.method lora"),
         ("sgd", {**LORA, "optimizer": "lora_pro"},
          "peft.optimizer 'lora_pro' is an AdamW optimizer; use method adamw, not 'sgd'"),
+        ("adamw", {**LORA, "optimizer": "lora_pro", "lora_pro": {"mode": "efficient"}},
+         "peft.lora_pro.mode: 'efficient' was removed: AdamW on LoRA-Pro's corrected A/B gradients trained worse "
+         "than plain LoRA (docs/lora.md); use 'full', the paper's Adam on the equivalent gradient (the default)"),
     ],
 )
 def test_misuse_is_one_line(tiny_llama_dir, sentiment_csv, tmp_path, method, peft, message):

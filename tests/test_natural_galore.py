@@ -95,8 +95,13 @@ def test_woodbury_equals_explicit_damped_fisher_solve():
         torch.testing.assert_close(got, explicit, rtol=2e-4, atol=1e-5 / lam)
 
 
-def explicit_natural_galore(w0, grads, rank, s, delta, lr, betas=(0.9, 0.999), eps=1e-8, scale=0.25):
-    """Natural GaLore without Woodbury: float64, a d x d damped-Fisher solve, one fixed left basis."""
+def explicit_natural_galore(w0, grads, rank, s, delta, lr, betas=(0.9, 0.999), eps=1e-8, scale=0.25,
+                            mode="absolute"):
+    """Natural GaLore without Woodbury: float64, a d x d damped-Fisher solve, one fixed left basis.
+
+    absolute (the paper): Adam on (delta I + G G^T)^-1 g; relative: lam = delta * mean |g_i|^2, Adam on
+    lam (lam I + G G^T)^-1 g.
+    """
     w = w0.double().clone()
     basis = compute_projection(grads[0], rank).double()
     window, m, v = [], 0.0, 0.0
@@ -104,9 +109,9 @@ def explicit_natural_galore(w0, grads, rank, s, delta, lr, betas=(0.9, 0.999), e
         g = (basis.t() @ grad.double()).reshape(-1)
         window = (window + [g])[-s:]
         big_g = torch.stack(window, dim=1)  # d x k
-        lam = delta * float((big_g * big_g).sum()) / big_g.shape[1]
+        lam = delta * float((big_g * big_g).sum()) / big_g.shape[1] if mode == "relative" else delta
         fisher = lam * torch.eye(g.numel(), dtype=torch.float64) + big_g @ big_g.t()
-        nat = lam * torch.linalg.solve(fisher, g)
+        nat = torch.linalg.solve(fisher, g) * (lam if mode == "relative" else 1.0)
         m = betas[0] * m + (1 - betas[0]) * nat
         v = betas[1] * v + (1 - betas[1]) * nat * nat
         step_size = lr * math.sqrt(1 - betas[1] ** t) / (1 - betas[0] ** t)
@@ -115,21 +120,46 @@ def explicit_natural_galore(w0, grads, rank, s, delta, lr, betas=(0.9, 0.999), e
     return w
 
 
-def test_optimizer_natural_step_matches_explicit_fisher_solve():
+@pytest.mark.parametrize("mode, damping", [(None, 1e-3), ("relative", 0.5), ("absolute", 0.5)],
+                         ids=["default-paper-lambda", "relative", "absolute-0.5"])
+def test_optimizer_natural_step_matches_explicit_fisher_solve(mode, damping):
     gen = torch.Generator().manual_seed(4)
     shape, rank, s = (10, 24), 3, 3
     w0 = torch.randn(shape, generator=gen)
     grads = [torch.randn(shape, generator=gen) for _ in range(7)]  # 7 > s: the window wraps
     w = nn.Parameter(w0.clone())
-    opt = NaturalGaLore([{"params": [w], "rank": rank}], lr=0.01, update_proj_gap=1000, history=s, damping=0.5)
+    # mode None: the optimizer's defaults, which must be the paper's (absolute lambda 1e-3).
+    settings = {} if mode is None else {"damping": damping, "damping_mode": mode}
+    opt = NaturalGaLore([{"params": [w], "rank": rank}], lr=0.01, update_proj_gap=1000, history=s, **settings)
     for g in grads:
         w.grad = g.clone()
         opt.step()
-    expected = explicit_natural_galore(w0, grads, rank, s, 0.5, 0.01)
+    expected = explicit_natural_galore(w0, grads, rank, s, damping, 0.01, mode=mode or "absolute")
     torch.testing.assert_close(w.detach().double(), expected, rtol=0, atol=2e-5)
     # The natural step changes the update (history=0 would be plain GaLore).
-    plain = explicit_natural_galore(w0, grads, rank, 1, 1e9, 0.01)
+    plain = explicit_natural_galore(w0, grads, rank, 1, 1e9, 0.01, mode="relative")
     assert (expected - plain).abs().max() > 1e-3
+
+
+def test_default_natural_step_is_the_papers_inverse_fisher_at_lambda_1e_3():
+    """Each step's preconditioned gradient is (1e-3 I + G G^T)^-1 g, G the last s projected gradients (g among
+    them): a direct float64 solve of the d x d system, as the paper writes it, at gradients of three scales
+    (the absolute lambda weighs the window more the larger they are)."""
+    gen = torch.Generator().manual_seed(6)
+    s, d = 4, 40
+    for scale in (1e-2, 1.0, 30.0):
+        state, group = {}, {"history": s, "damping": NaturalGaLore([nn.Parameter(torch.zeros(1))]).defaults["damping"],
+                            "damping_mode": NaturalGaLore([nn.Parameter(torch.zeros(1))]).defaults["damping_mode"]}
+        assert (group["damping"], group["damping_mode"]) == (1e-3, "absolute")
+        window = []
+        drift = torch.randn(d, generator=gen, dtype=torch.float64)
+        for _ in range(7):  # the window fills, then wraps
+            g = scale * (drift + 0.5 * torch.randn(d, generator=gen, dtype=torch.float64))
+            window = (window + [g])[-s:]
+            got = NaturalGaLore._natural_gradient(state, g.float().view(4, 10), group).double().reshape(-1)
+            big_g = torch.stack(window, dim=1)
+            want = torch.linalg.solve(1e-3 * torch.eye(d, dtype=torch.float64) + big_g @ big_g.t(), g)
+            torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
 
 
 # (c) the subspace refresh policy --------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ from safetensors.torch import load_file
 from transformers import get_scheduler
 
 from zoft import checkpoints, run
-from zoft.config import NATURAL_GALORE_DEFAULTS, recipe_to_yaml, validate_recipe
+from zoft.config import (
+    NATURAL_GALORE_DEFAULTS,
+    NATURAL_GALORE_RELATIVE_DAMPING,
+    recipe_to_yaml,
+    validate_recipe,
+)
 from zoft.errors import RecipeError, ZoftError
 from zoft.losses import verbalizer_loss, verbalizer_scores
 from zoft.models import load_model
@@ -167,11 +172,17 @@ def test_nothing_matching_target_modules_is_one_line_naming_the_key(tiny_llama_d
 def test_defaults_are_filled_in_match_the_optimizer_and_survive_a_saved_recipe(tmp_path):
     recipe = validate_recipe(tiny_recipe("m", "d.csv", tmp_path / "o", method="natural_galore"))
     m = recipe.method
-    assert (m.rank, m.update_proj_gap, m.scale, m.history, m.damping) == (128, 200, 0.25, 20, 1.0)
+    assert (m.rank, m.update_proj_gap, m.scale, m.history, m.damping_mode, m.damping) == (
+        128, 200, 0.25, 20, "absolute", 1e-3)  # the paper's fixed lambda
     assert (m.target_modules, m.layerwise, m.refresh) == ("all-linear", False, "reproject")
     # The documented defaults are the optimizer's own.
-    assert (ng.DEFAULT_RANK, ng.DEFAULT_UPDATE_PROJ_GAP, ng.DEFAULT_SCALE, ng.DEFAULT_HISTORY, ng.DEFAULT_DAMPING) == (
-        128, 200, 0.25, 20, 1.0)
+    assert (ng.DEFAULT_RANK, ng.DEFAULT_UPDATE_PROJ_GAP, ng.DEFAULT_SCALE, ng.DEFAULT_HISTORY,
+            ng.DEFAULT_DAMPING_MODE, ng.DEFAULT_DAMPING) == (128, 200, 0.25, 20, "absolute", 1e-3)
+    # damping_mode relative without a damping gets the relative default (1.0), not the paper's lambda.
+    relative = validate_recipe(tiny_recipe("m", "d.csv", tmp_path / "o",
+                                           method={"name": "natural_galore", "damping_mode": "relative"})).method
+    assert (relative.damping_mode, relative.damping) == ("relative", ng.DEFAULT_RELATIVE_DAMPING)
+    assert ng.DEFAULT_RELATIVE_DAMPING == NATURAL_GALORE_RELATIVE_DAMPING == 1.0
     params = inspect.signature(create_natural_galore_optimizer).parameters
     kwargs = m.natural_galore_kwargs()
     assert kwargs == {k: params[k].default for k in kwargs}

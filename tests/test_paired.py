@@ -293,7 +293,7 @@ def test_recipe_paired_forward_matches_two_forwards_on_text_and_multi_token_verb
 ):
     if data == "text":
         sections = {"data": TEXT}
-    else:  # words of several tokens: one row per example and candidate, log-probabilities summed
+    else:  # words of several tokens: one row per example and candidate, mean token log-probability
         sections = {"data": {"verbalizers": {"fresh": " great fun", "rotten": " terrible waste"}}}
     two = _train(_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "two", method={"paired_forward": False},
                          **sections))

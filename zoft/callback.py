@@ -9,15 +9,16 @@ It applies what a callback can apply, with the same code the recipe path (``zoft
 - FlashDP (``privacy``, :mod:`zoft.privacy`): per-layer per-sample clipping inside the backward, noise once
   per optimizer step, epsilon in the logs; with shuffled fixed-size batches only (see :class:`ZoftCallback`);
   also on TRL's ``SFTTrainer`` (docs/callback.md, "FlashDP with TRL").
-- LoRA-Pro (``peft.optimizer: lora_pro``, efficient mode, :mod:`zoft.lora.pro`): the LoRA gradients are
-  corrected right before your Trainer's optimizer steps.
+- LoRA-Pro (``peft.optimizer: lora_pro``, the paper's algorithm, :mod:`zoft.lora.pro`): right before your
+  Trainer's optimizer steps, each LoRA pair takes LoRA-Pro's step (Adam on the equivalent gradient, its
+  moments kept in your optimizer's state) and its gradients are cleared, so your optimizer steps the rest.
 - Metrics (:mod:`zoft.metrics`): tokens/s and peak memory (and ``dp_epsilon``) in every training log,
   so ``report_to`` (TensorBoard, W&B) records them.
 
 What a callback cannot do is refused by :meth:`ZoftCallback.from_recipe` with one line naming the
 alternative: zeroth-order methods (mezo, qzo, addax) replace the training step, ZO2 offload and DistZO2
 live inside that step (use :class:`zoft.ZoftTrainer`, a drop-in for ``Trainer``, or ``zoft train``);
-Natural GaLore and LoRA-Pro's full mode are optimizers (pass them as ``Trainer(optimizers=...)``);
+Natural GaLore is an optimizer (pass it as ``Trainer(optimizers=...)``);
 LoRA-GA initializes adapters before the Trainer exists; Poisson sampling needs zoft's data loader.
 """
 
@@ -65,18 +66,11 @@ def callback_problem(recipe) -> str | None:
         return ("peft.init 'lora_ga' initializes the adapters from gradients before the Trainer exists; call "
                 "zoft.lora.ga.init_lora_ga(model, lora_config, batches, num_batches) in your script instead, "
                 "or use `zoft train`")
-    if peft is not None and peft.optimizer == "lora_pro" and peft.lora_pro.mode == "full":
-        return _LORA_PRO_FULL
     if recipe.privacy is not None and recipe.privacy.sampling == "poisson":
         return _POISSON
     return None
 
 
-_LORA_PRO_FULL = (
-    "peft.lora_pro.mode 'full' is an optimizer (Adam moments of each adapted weight's full shape); pass "
-    "zoft.lora.pro.create_lora_pro_optimizer(model, lr, mode='full') as Trainer(optimizers=(optimizer, None)), "
-    "or use mode 'efficient' with this callback"
-)
 _POISSON = (
     "privacy.sampling 'poisson' (the default) draws every batch by Poisson sampling, which needs zoft's data "
     "loader; use zoft.ZoftTrainer, or set privacy.sampling: shuffle to clip and noise your Trainer's fixed-size "
@@ -141,12 +135,14 @@ def _privacy_settings(value):
 def _lora_pro_settings(value):
     if value is None or value is False:
         return None
-    if value is True or value == "efficient":
-        return "efficient"
-    if value == "full":
-        hint = _LORA_PRO_FULL.replace("use mode 'efficient'", "use lora_pro=True")
-        raise ZoftError(f"ZoftCallback(lora_pro='full'): {hint}")
-    raise ZoftError(f"ZoftCallback(lora_pro=...): expected True or 'efficient', got {value!r}")
+    if value is True or value == "full":
+        return "full"
+    if value == "efficient":
+        from zoft.lora.pro import EFFICIENT_REMOVED
+
+        hint = EFFICIENT_REMOVED.replace("use 'full'", "use lora_pro=True")
+        raise ZoftError(f"ZoftCallback(lora_pro='efficient'): {hint}")
+    raise ZoftError(f"ZoftCallback(lora_pro=...): expected True (the paper's LoRA-Pro), got {value!r}")
 
 
 class _ExampleMeanLogProbs(torch.autograd.Function):
@@ -234,7 +230,10 @@ class ZoftCallback(TrainerCallback):
         wta_crs: a ratio in (0, 1], or ``{"ratio": r, "target_modules": [...]}`` (recipe ``memory.wta_crs``).
         privacy: a :class:`zoft.privacy.trainer_dp.PrivacyConfig` or a dict of the recipe's ``privacy`` keys
             (``method`` defaults to flashdp; ``seed`` fixes the noise, for debugging only).
-        lora_pro: True (or ``"efficient"``) for LoRA-Pro's gradient correction.
+        lora_pro: True (or ``"full"``) for LoRA-Pro, the paper's algorithm: each LoRA pair is stepped by
+            :func:`zoft.lora.pro.lora_pro_step` with your optimizer's lr (and its betas, eps and weight decay,
+            else ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` of your ``TrainingArguments``), its two
+            fp32 m x n moments stored in your optimizer's state (so checkpoints keep them).
         metrics: add tokens/s and peak memory to the training logs.
 
     Raises:
@@ -317,7 +316,7 @@ class ZoftCallback(TrainerCallback):
             parts.append(f"FlashDP ({sigma_text}, shuffled batches: epsilon approximate, not a proven bound)")
         if self.lora_pro:
             pairs = f", {len(self._pairs)} adapter pairs" if self._pairs else ""
-            parts.append(f"LoRA-Pro (efficient{pairs})")
+            parts.append(f"LoRA-Pro (Adam on the equivalent gradient{pairs})")
         if self.metrics is not None:
             parts.append("metrics (tokens/s, peak memory)")
         return ", ".join(parts) or "nothing"
@@ -374,6 +373,7 @@ class ZoftCallback(TrainerCallback):
         if self.lora_pro:
             from zoft.lora.pro import find_lora_pairs
 
+            _check_lora_pro_args(args)
             self._pairs = find_lora_pairs(model)
         if state.is_world_process_zero:
             print(f"zoft: callback applies {self.describe()}", flush=True)
@@ -392,9 +392,29 @@ class ZoftCallback(TrainerCallback):
         if self.engine is not None:
             self.engine.noise_step()
         if self._pairs:
-            from zoft.lora.pro import correct_lora_gradients
+            self._lora_pro_step(args, kwargs.get("optimizer"))
 
-            correct_lora_gradients(self._pairs)
+    def _lora_pro_step(self, args, optimizer) -> None:
+        """Each LoRA pair takes LoRA-Pro's step; its gradients are then cleared so ``optimizer`` skips it."""
+        from zoft.lora.pro import lora_pro_step
+
+        if optimizer is None:
+            raise ZoftError("ZoftCallback(lora_pro=True): the Trainer passed no optimizer to its callbacks; "
+                            "use transformers.Trainer")
+        groups = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        for pair in self._pairs:
+            if pair.A.grad is None or pair.B.grad is None:
+                continue
+            group = groups.get(id(pair.A))
+            if group is None:
+                raise ZoftError(f"ZoftCallback(lora_pro=True): the Trainer's optimizer does not hold {pair.name}'s "
+                                "lora_A (its lr drives LoRA-Pro); give the optimizer every trainable parameter")
+            lora_pro_step(
+                pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling, optimizer.state[pair.A],
+                lr=group["lr"], betas=tuple(group.get("betas", (args.adam_beta1, args.adam_beta2))),
+                eps=group.get("eps", args.adam_epsilon), weight_decay=group.get("weight_decay", 0.0),
+            )
+            pair.A.grad, pair.B.grad = None, None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is None:
@@ -550,6 +570,20 @@ def _trainer_setting_problems(args, model) -> list[str]:
         problems.append("model.config.output_router_logits=True adds a MoE load-balancing loss over the whole "
                         "batch, which mixes the examples' gradients; set it to False")
     return problems
+
+
+def _check_lora_pro_args(args) -> None:
+    """Refuse the Trainer settings under which LoRA-Pro's step would see the wrong gradients or tensors."""
+    from zoft.fsdp import ACCELERATE_SOURCE, accelerate_fsdp_launch, fsdp_requested
+
+    fix = "ZoftCallback(lora_pro=True): "
+    if fsdp_requested(getattr(args, "fsdp", None)) or accelerate_fsdp_launch():
+        source = "TrainingArguments.fsdp" if fsdp_requested(getattr(args, "fsdp", None)) else ACCELERATE_SOURCE
+        raise ZoftError(fix + f"{source}: LoRA-Pro needs each adapter's whole A and B matrices and their gradients, "
+                        "which FSDP shards across ranks; train without FSDP (several GPUs: DDP)")
+    if args.fp16:
+        raise ZoftError(fix + "fp16's loss scaler unscales the gradients inside your optimizer's step, after "
+                        "LoRA-Pro's; use bf16 or float32")
 
 
 def _has_adapters(model) -> bool:

@@ -92,6 +92,12 @@ class DataSection(Section):
         description="classification: label value -> word scored after the template, "
         "e.g. {fresh: ' great', rotten: ' terrible'} (mind the leading space).",
     )
+    verbalizer_score: Literal["mean", "sum"] = Field(
+        "mean",
+        description="classification with a causal LM: how a verbalizer of several tokens is scored from its "
+        "tokens' log-probabilities. mean (MeZO's choice) does not favour the shorter word; sum is the word's "
+        "log-probability. The same for one-token words.",
+    )
     packing: bool = Field(False, description="text: concatenate rows and cut into max_length blocks.")
 
     @field_validator("verbalizers", mode="before")
@@ -117,11 +123,15 @@ NATURAL_GALORE_DEFAULTS: dict[str, Any] = {
     "update_proj_gap": 200,
     "scale": 0.25,
     "history": 20,
-    "damping": 1.0,
+    "damping_mode": "absolute",
+    "damping": 1e-3,
     "target_modules": "all-linear",
     "layerwise": False,
     "refresh": "reproject",
 }
+# method.damping when method.damping_mode is relative and damping is not set (natural_galore.py's
+# DEFAULT_RELATIVE_DAMPING).
+NATURAL_GALORE_RELATIVE_DAMPING = 1.0
 
 
 class MethodSection(Section):
@@ -215,11 +225,19 @@ class MethodSection(Section):
         description="natural_galore: s, the last s projected gradients whose empirical Fisher preconditions the "
         "step through an s x s solve (default 20; 0 = plain GaLore). Costs s projected-gradient copies per weight.",
     )
+    damping_mode: Literal["absolute", "relative"] | None = Field(
+        None,
+        description="natural_galore: absolute (default; the paper's and its code's): the Fisher is "
+        "lambda I + G G^T with lambda = method.damping (default 1e-3); relative: lambda = method.damping (default "
+        "1.0) x the window's mean squared gradient norm, the same for every layer and loss scale but far weaker "
+        "whitening at 1.0 (docs/natural_galore.md).",
+    )
     damping: float | None = Field(
         None,
         gt=0,
-        description="natural_galore: Fisher damping relative to the window's mean squared gradient norm "
-        "(default 1.0); larger is closer to plain GaLore, smaller whitens harder.",
+        description="natural_galore: the Fisher damping lambda (damping_mode absolute, default 1e-3) or its factor "
+        "on the window's mean squared gradient norm (relative, default 1.0); larger is closer to plain GaLore, "
+        "smaller whitens harder.",
     )
     target_modules: list[str] | str | None = Field(
         None,
@@ -246,6 +264,8 @@ class MethodSection(Section):
     def _from_name(cls, v: Any) -> Any:
         v = {"name": v} if isinstance(v, str) else v
         if isinstance(v, dict) and v.get("name") == "natural_galore":
+            if v.get("damping_mode") == "relative" and v.get("damping") is None:
+                v = {**v, "damping": NATURAL_GALORE_RELATIVE_DAMPING}
             v = {**v, **{k: d for k, d in NATURAL_GALORE_DEFAULTS.items() if v.get(k) is None}}
         return v
 
@@ -288,14 +308,30 @@ class LoraGASection(Section):
     )
 
 
+# zoft/lora/pro.py's EFFICIENT_REMOVED, the same line for the Python API (a test keeps them equal; config
+# stays torch-free).
+LORA_PRO_EFFICIENT_REMOVED = (
+    "'efficient' was removed: AdamW on LoRA-Pro's corrected A/B gradients trained worse than plain LoRA "
+    "(docs/lora.md); use 'full', the paper's Adam on the equivalent gradient (the default)"
+)
+
+
 class LoraProSection(Section):
     """LoRA-Pro optimizer settings (used when ``peft.optimizer`` is ``lora_pro``)."""
 
-    mode: Literal["efficient", "full"] = Field(
-        "efficient",
-        description="efficient: correct the A/B gradients, then AdamW on A and B (LoRA's memory); full: the "
-        "paper's Adam on the equivalent gradient, two fp32 moments the size of each adapted weight.",
+    mode: Literal["full"] = Field(
+        "full",
+        description="full: the paper's algorithm (and its authors' code): Adam on the equivalent gradient, with two "
+        "fp32 moments the size of each adapted weight, its direction mapped back onto A and B. The former "
+        "'efficient' mode (AdamW on corrected A/B gradients) trained worse than plain LoRA and was removed.",
     )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _removed_mode(cls, v: Any) -> Any:
+        if v == "efficient":
+            raise ValueError(LORA_PRO_EFFICIENT_REMOVED)
+        return v
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +355,8 @@ class PeftSection(Section):
     lora_ga: LoraGASection = Field(default_factory=LoraGASection, description="LoRA-GA settings (peft.init lora_ga).")
     optimizer: Literal["default", "lora_pro"] = Field(
         "default",
-        description="default: the method's optimizer; lora_pro: LoRA-Pro, AdamW on gradients corrected so the "
-        "low-rank update best approximates the full gradient (method adamw only).",
+        description="default: the method's optimizer; lora_pro: LoRA-Pro, Adam on the full-weight gradient that the "
+        "adapters can best express, mapped back onto A and B (the paper's algorithm; method adamw only).",
     )
     lora_pro: LoraProSection = Field(
         default_factory=LoraProSection, description="LoRA-Pro settings (peft.optimizer lora_pro)."
@@ -668,6 +704,9 @@ class Recipe(Section):
         deepspeed_problem = _deepspeed_combination_problem(self)
         if deepspeed_problem:
             raise ValueError(deepspeed_problem)
+        fsdp_problem = _fsdp_combination_problem(self)
+        if fsdp_problem:
+            raise ValueError(fsdp_problem)
         _qzo_addax_combinations(self)  # QZO / Addax
         paired_problem = _paired_forward_problem(self)
         if paired_problem:
@@ -810,6 +849,15 @@ def _deepspeed_combination_problem(recipe: Recipe) -> str | None:
         peft_init=recipe.peft.init if recipe.peft is not None else None,
         peft_optimizer=recipe.peft.optimizer if recipe.peft is not None else None,
     )
+
+
+def _fsdp_combination_problem(recipe: Recipe) -> str | None:
+    """train.fsdp (HF's FSDP key): the methods that need whole tensors are refused (zoft/fsdp.py)."""
+    from zoft.fsdp import TRAIN_KEY, fsdp_requested, recipe_problem
+
+    if not fsdp_requested((recipe.train.model_extra or {}).get("fsdp")):
+        return None
+    return recipe_problem(recipe, TRAIN_KEY)
 
 
 # --- QZO / Addax combination checks ---

@@ -168,10 +168,16 @@ def fit_recipe_to_launch(recipe, environ: Mapping[str, str] | None = None):
     update to its own weights. Recipes that cannot run on several processes are refused.
 
     Raises:
-        SharedError: the recipe's method or sections run in one process only.
+        SharedError: the recipe's method or sections run in one process only, or an ``accelerate launch``
+            with FSDP meets a method that needs whole tensors (:mod:`zoft.fsdp`).
     """
     from zoft.config import DistributedSection, validate_recipe
+    from zoft.fsdp import ACCELERATE_SOURCE, accelerate_fsdp_launch, recipe_problem
 
+    if accelerate_fsdp_launch(environ):  # HF's Trainer would wrap the model in FSDP, recipe or not
+        problem = recipe_problem(recipe, ACCELERATE_SOURCE)
+        if problem:
+            raise SharedError(problem)
     n = world_size(environ)
     if n <= 1:
         return recipe

@@ -11,7 +11,8 @@ def verbalizer_scores(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
     ``inputs`` comes from :class:`zoft.data.collate.VerbalizerCollator`: either ``candidate_ids``
     (one-token words, scored from the last position) or ``candidate_mask`` (multi-token words,
-    one row per example and candidate, token log-probabilities summed).
+    one row per example and candidate, each token's log-probability weighted by the mask: the mean
+    over the word's tokens by default, ``data.verbalizer_score: sum`` for the sum).
     """
     return verbalizer_scores_from_logits(model(**verbalizer_forward_kwargs(inputs)).logits, inputs)
 
@@ -31,7 +32,7 @@ def verbalizer_scores_from_logits(logits: torch.Tensor, inputs: dict[str, torch.
     logits = logits[:, :-1, :].float()
     targets = inputs["input_ids"][:, 1:]
     token_logp = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    per_row = (token_logp * mask[:, 1:]).sum(-1)
+    per_row = (token_logp * mask[:, 1:].to(token_logp.dtype)).sum(-1)  # weights: mean or sum (the collator's)
     n_candidates = int(per_row.numel() // inputs["cls_labels"].numel())
     return per_row.view(-1, n_candidates)
 

@@ -57,4 +57,4 @@ def build_datasets(cfg, tokenizer, task: str = "causal_lm") -> DataBundle:
     labels, candidates = verbalizer_candidates(tokenizer, cfg)
     if task == "sequence_classification":
         return DataBundle(train, evalset, SequenceClassificationCollator(tokenizer.pad_token_id), task, labels)
-    return DataBundle(train, evalset, VerbalizerCollator(tokenizer.pad_token_id, candidates), "verbalizer", labels)
+    return DataBundle(train, evalset, VerbalizerCollator(tokenizer.pad_token_id, candidates, cfg.verbalizer_score), "verbalizer", labels)

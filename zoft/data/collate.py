@@ -44,12 +44,23 @@ class VerbalizerCollator:
 
     When every verbalizer word is one token, prompts are left-padded and the words are scored
     from the last position's logits (one forward, ``logits_to_keep=1``). Otherwise each prompt is
-    repeated once per candidate with the candidate's tokens appended and ``candidate_mask`` marks
-    the tokens whose log-probabilities are summed.
+    repeated once per candidate with the candidate's tokens appended, and ``candidate_mask`` holds the
+    weight of each token's log-probability in the candidate's score: ``1 / len(candidate)`` on its
+    tokens for ``score="mean"`` (MeZO's scoring, the default), 1 for ``score="sum"``, 0 elsewhere.
+
+    Args:
+        pad_token_id: Token id written into padding positions.
+        candidates: Each verbalizer word's token ids, in label order.
+        score: ``"mean"`` or ``"sum"`` of a multi-token word's token log-probabilities.
     """
 
     pad_token_id: int
     candidates: list[list[int]]
+    score: str = "mean"
+
+    def __post_init__(self):
+        if self.score not in ("mean", "sum"):
+            raise ValueError(f"VerbalizerCollator: score must be 'mean' or 'sum', got {self.score!r}")
 
     @property
     def single_token(self) -> bool:
@@ -64,10 +75,11 @@ class VerbalizerCollator:
             seqs, marks = [], []
             for r in rows:
                 for cand in self.candidates:
+                    weight = 1.0 / len(cand) if self.score == "mean" else 1.0
                     seqs.append(list(r["input_ids"]) + cand)
-                    marks.append([0] * len(r["input_ids"]) + [1] * len(cand))
+                    marks.append([0.0] * len(r["input_ids"]) + [weight] * len(cand))
             batch = _left_pad(seqs, self.pad_token_id)
-            cmask = torch.zeros_like(batch["input_ids"])
+            cmask = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
             for i, m in enumerate(marks):
                 cmask[i, cmask.shape[1] - len(m) :] = torch.tensor(m)
             batch["candidate_mask"] = cmask

@@ -276,7 +276,9 @@ def init_lora_ga(
         config.lora_ga_config = None
     else:
         config.init_lora_weights = "lora_ga"
-        config.lora_ga_config = LoraGAConfig(direction=direction, scale=scale, stable_gamma=int(stable_gamma))
+        # peft annotates stable_gamma as int but computes with it as a number: 2.5 must stay 2.5, and
+        # 0.5 must not become 0 (a division by zero).
+        config.lora_ga_config = LoraGAConfig(direction=direction, scale=scale, stable_gamma=float(stable_gamma))
     try:
         peft_model = get_peft_model(model, config, adapter_name=adapter_name)
         if scale == "paper":

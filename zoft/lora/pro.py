@@ -1,13 +1,16 @@
-"""LoRA-Pro: adjust the gradients of LoRA's A and B so that the low-rank update they produce is the
-best approximation of the full fine-tuning gradient, then take an AdamW step.
+"""LoRA-Pro: run Adam on the full-weight gradient that LoRA's factors can best express, then move A and B
+so that their low-rank update best follows Adam's full-weight direction (the paper's Algorithm 1).
 
 Paper: "LoRA-Pro: Are Low-Rank Adapters Properly Optimized?" (Wang, Liang, He, Wang, Tan, 2024),
-https://arxiv.org/abs/2407.18242. With ``W = W0 + s B A``, a step on (A, B) moves W by
-``-lr * s (B gA + gB A)`` (the "equivalent gradient"). Plain LoRA uses ``gA = s B^T G``,
-``gB = s G A^T``; LoRA-Pro picks the (gA, gB) minimizing ``|| s (B gA + gB A) - G ||_F`` and, among
-those, the one closest to LoRA's own gradients (an r x r Sylvester equation). Only the LoRA
-gradients are needed (``B^T G = gA / s``, ``G A^T = gB / s``), so the full gradient G is never formed.
-What it saves: most of LoRA's gap to full fine-tuning at LoRA's memory (efficient mode).
+https://arxiv.org/abs/2407.18242; the authors' code: https://github.com/mrflogs/LoRA-Pro. With
+``W = W0 + s B A``, a step on (A, B) moves W by ``-lr * s (B gA + gB A)`` (the "equivalent gradient").
+LoRA-Pro picks the (gA, gB) minimizing ``|| s (B gA + gB A) - G ||_F`` and, among those, the one closest
+to LoRA's own gradients (an r x r Sylvester equation); only LoRA's gradients are needed
+(``B^T G = gA / s``, ``G A^T = gB / s``), so the full gradient G is never formed. Each step: the
+equivalent gradient of the optimal pair, Adam's moments on it (m x n per adapted weight), Adam's
+direction D, and the optimal pair for D applied to A and B with the learning rate.
+What it saves: most of LoRA's gap to full fine-tuning while training LoRA's parameters; the cost is Adam's
+state of full fine-tuning for the adapted weights (two fp32 m x n matrices each), not LoRA's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,12 @@ from torch import nn
 
 from zoft.errors import ZoftError
 
-Mode = Literal["efficient", "full"]
+Mode = Literal["full"]
+# The one line for the removed mode, in the recipe, the callback and the Python API alike.
+EFFICIENT_REMOVED = (
+    "'efficient' was removed: AdamW on LoRA-Pro's corrected A/B gradients trained worse than plain LoRA "
+    "(docs/lora.md); use 'full', the paper's Adam on the equivalent gradient (the default)"
+)
 
 
 def _psd_eigh(gram: torch.Tensor, rcond: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,34 +134,90 @@ class _Pair:
         return float(self.layer.scaling[self.adapter])
 
 
-@torch.no_grad()
-def correct_lora_gradients(pairs: list[_Pair], *, rcond: float = 1e-6) -> None:
-    """Replace each pair's ``.grad`` (in place) by LoRA-Pro's gradients: the efficient mode's correction.
+_STATE_KEYS = ("lora_pro_exp_avg", "lora_pro_exp_avg_sq")
 
-    Any optimizer stepped afterwards sees LoRA-Pro's gradients; AdamW (:class:`LoraProAdamW`) is the
-    paper's. Pairs whose A or B has no gradient are left alone.
+
+@torch.no_grad()
+def lora_pro_step(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    grad_A: torch.Tensor,
+    grad_B: torch.Tensor,
+    scaling: float,
+    state: dict,
+    *,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    rcond: float = 1e-6,
+) -> None:
+    """One LoRA-Pro step on one adapter (the paper's Algorithm 1): A and B are updated in place.
+
+    1. ``g~ = s (B gA* + gB* A)`` with (gA*, gB*) LoRA-Pro's optimal gradients for LoRA's (grad_A, grad_B):
+       the equivalent gradient, the best rank-constrained approximation of the full gradient;
+    2. Adam on g~ with its moments in ``state`` (two fp32 m x n matrices, bias-corrected): direction D;
+    3. LoRA's gradients of D (``s B^T D``, ``s D A^T``) replaced by LoRA-Pro's optimal pair (gA, gB) for D,
+       so that ``s (B gA + gB A)`` best approximates D, as the authors' code does;
+    4. ``A -= lr gA``, ``B -= lr gB``: the authors hand (gA, gB) to plain SGD (``optim="sgd"``, weight decay 0).
+
+    ``weight_decay`` (zoft's addition; the authors use 0 and never decay W0) shrinks the adapter's product
+    ``B A`` by ``1 - lr * weight_decay`` before the step, AdamW's decoupled decay of the update ``s B A``;
+    the base weights stay untouched.
 
     Args:
-        pairs: from :func:`find_lora_pairs`.
-        rcond: relative cutoff of the pseudo-inverses (see :func:`lora_pro_gradients`).
+        A: lora_A weight, shape (r, n); B: lora_B weight, shape (m, r).
+        grad_A, grad_B: LoRA's gradients of A and B.
+        scaling: The adapter's scaling s.
+        state: This adapter's optimizer state (created on the first call): ``lora_pro_step`` (int) and the
+            two moments, kept in fp32.
+        lr: Learning rate. betas, eps: Adam's. weight_decay: decay of ``B A`` (see above).
+        rcond: Relative cutoff of the pseudo-inverses (see :func:`lora_pro_gradients`).
     """
-    for pair in pairs:
-        if pair.A.grad is None or pair.B.grad is None:
-            continue
-        new_a, new_b = lora_pro_gradients(pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling, rcond=rcond)
-        pair.A.grad.copy_(new_a)
-        pair.B.grad.copy_(new_b)
+    beta1, beta2 = betas
+    A32, B32 = A.float(), B.float()
+    proj_A, proj_B, _, _ = _projected_gradients(A32, B32, grad_A.float(), grad_B.float(), scaling, rcond)
+    # X drops out of s (B gA + gB A), so the least-squares part gives the equivalent gradient.
+    equiv = equivalent_gradient(A32, B32, proj_A, proj_B, scaling)
+    del proj_A, proj_B
+    if "lora_pro_step" not in state:
+        state["lora_pro_step"] = 0
+        for key in _STATE_KEYS:
+            state[key] = torch.zeros_like(equiv)
+    for key in _STATE_KEYS:  # a checkpoint loaded by torch.optim casts state to the parameter's dtype
+        if state[key].dtype != torch.float32:
+            state[key] = state[key].float()
+    state["lora_pro_step"] += 1
+    t = state["lora_pro_step"]
+    exp_avg, exp_avg_sq = state["lora_pro_exp_avg"], state["lora_pro_exp_avg_sq"]
+    exp_avg.lerp_(equiv, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(equiv, equiv, value=1 - beta2)
+    del equiv
+    denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
+    direction = (exp_avg / (1 - beta1**t)).div_(denom)  # the full-FT Adam direction D (m x n)
+    del denom
+    new_a, new_b = lora_pro_gradients(
+        A32, B32, scaling * (B32.T @ direction), scaling * (direction @ A32.T), scaling, rcond=rcond
+    )
+    del direction
+    if weight_decay:
+        shrink = math.sqrt(max(0.0, 1.0 - lr * weight_decay))  # (shrink A) (shrink B) = (1 - lr wd) B A
+        A.mul_(shrink)
+        B.mul_(shrink)
+    A.add_(new_a.to(A.dtype), alpha=-lr)
+    B.add_(new_b.to(B.dtype), alpha=-lr)
 
 
 class LoraProAdamW(torch.optim.AdamW):
-    """AdamW whose step first replaces each LoRA pair's gradients by LoRA-Pro's (see the module docstring).
+    """LoRA-Pro for each LoRA pair (:func:`lora_pro_step`), AdamW for every other trainable parameter.
 
-    Built by :func:`create_lora_pro_optimizer`; other trainable parameters (biases, modules_to_save)
-    get plain AdamW. The HF Trainer's schedulers, gradient clipping (applied to the raw gradients)
-    and checkpointing work unchanged: the full-mode moments live in ``self.state`` of each lora_A.
+    Built by :func:`create_lora_pro_optimizer`. The HF Trainer's schedulers (the group's ``lr``), gradient
+    clipping (applied to the raw gradients) and checkpointing work unchanged: each pair's moments live in
+    ``self.state`` of its lora_A.
     """
 
-    def __init__(self, params, pairs: list[_Pair], *, mode: Mode, rcond: float, **adamw_kwargs):
+    def __init__(self, params, pairs: list[_Pair], *, mode: Mode = "full", rcond: float, **adamw_kwargs):
+        _check_mode(mode)
         super().__init__(params, **adamw_kwargs)
         self.lora_pro_pairs = pairs
         self.lora_pro_mode = mode
@@ -168,17 +232,18 @@ class LoraProAdamW(torch.optim.AdamW):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.lora_pro_mode == "efficient":
-            correct_lora_gradients(self.lora_pro_pairs, rcond=self.lora_pro_rcond)
-            super().step()
-            return loss
-        # Full mode: the pairs are updated here and hidden from AdamW, which steps everything else.
+        # The pairs are updated here and hidden from AdamW, which steps everything else.
         groups = self._group_of()
         stashed = []
         for pair in self.lora_pro_pairs:
             if pair.A.grad is None or pair.B.grad is None:
                 continue
-            self._full_step(pair, groups[id(pair.A)])
+            group = groups[id(pair.A)]
+            lora_pro_step(
+                pair.A, pair.B, pair.A.grad, pair.B.grad, pair.scaling, self.state[pair.A],
+                lr=group["lr"], betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                rcond=self.lora_pro_rcond,
+            )
             stashed.append((pair, pair.A.grad, pair.B.grad))
             pair.A.grad, pair.B.grad = None, None
         try:
@@ -188,43 +253,12 @@ class LoraProAdamW(torch.optim.AdamW):
                 pair.A.grad, pair.B.grad = grad_a, grad_b
         return loss
 
-    def _full_step(self, pair: _Pair, group: dict) -> None:
-        """Adam on the equivalent gradient (m x n moments), then the update projected back onto (A, B)."""
-        A, B, s = pair.A, pair.B, pair.scaling
-        rcond = self.lora_pro_rcond
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        A32, B32 = A.float(), B.float()
-        proj_A, proj_B, _, _ = _projected_gradients(A32, B32, A.grad.float(), B.grad.float(), s, rcond)
-        # X drops out of s (B gA + gB A), so the least-squares part gives the equivalent gradient.
-        equiv = equivalent_gradient(A32, B32, proj_A, proj_B, s)
-        del proj_A, proj_B
-        state = self.state[A]
-        if "lora_pro_step" not in state:
-            state["lora_pro_step"] = 0
-            state["lora_pro_exp_avg"] = torch.zeros_like(equiv)
-            state["lora_pro_exp_avg_sq"] = torch.zeros_like(equiv)
-        state["lora_pro_step"] += 1
-        t = state["lora_pro_step"]
-        exp_avg, exp_avg_sq = state["lora_pro_exp_avg"], state["lora_pro_exp_avg_sq"]
-        exp_avg.lerp_(equiv, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(equiv, equiv, value=1 - beta2)
-        del equiv
-        denom = (exp_avg_sq / (1 - beta2**t)).sqrt_().add_(eps)
-        direction = (exp_avg / (1 - beta1**t)).div_(denom)  # the full-FT Adam direction D (m x n)
-        del denom
-        # LoRA gradients of D, then LoRA-Pro's best (gA, gB) for it: s (B gA + gB A) ~ D.
-        new_a, new_b = lora_pro_gradients(
-            A32, B32, s * (B32.T @ direction), s * (direction @ A32.T), s, rcond=rcond
-        )
-        del direction
-        if wd:
-            # Decay the product B A by (1 - lr wd); the base weights stay untouched so the adapter
-            # still applies to the original model (the authors' code also decays W0).
-            shrink = math.sqrt(max(0.0, 1.0 - lr * wd))
-            A.mul_(shrink)
-            B.mul_(shrink)
-        A.add_(new_a.to(A.dtype), alpha=-lr)
-        B.add_(new_b.to(B.dtype), alpha=-lr)
+
+def _check_mode(mode: str) -> None:
+    if mode == "efficient":
+        raise ZoftError(f"LoRA-Pro: mode {EFFICIENT_REMOVED}")
+    if mode != "full":
+        raise ZoftError(f"LoRA-Pro: unknown mode {mode!r}; use 'full' (the paper's algorithm, the default)")
 
 
 def find_lora_pairs(model: nn.Module) -> list[_Pair]:
@@ -279,32 +313,27 @@ def create_lora_pro_optimizer(
     weight_decay: float = 0.0,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
-    mode: Mode = "efficient",
+    mode: Mode = "full",
     *,
     rcond: float = 1e-6,
 ) -> torch.optim.Optimizer:
     """Create a LoRA-Pro optimizer for a peft LoRA model (peft ``create_<name>_optimizer`` style).
 
     Use it in a plain HF Trainer as ``Trainer(..., optimizers=(create_lora_pro_optimizer(model, lr), None))``.
-
-    Modes:
-
-    - ``"efficient"`` (default): each step replaces the LoRA gradients by LoRA-Pro's, then runs AdamW
-      on A and B. Memory: AdamW's (two moments per adapter parameter) plus r x r, r x n and m x r
-      temporaries per layer during the step.
-    - ``"full"``: the paper's Algorithm 1. Adam moments are kept for the equivalent gradient of each
-      adapted weight (m x n, fp32) and the Adam direction is projected back onto A and B. Memory: two
-      fp32 m x n matrices per adapted layer, i.e. the optimizer state of full fine-tuning of those
-      weights (8 bytes per base weight entry), plus about two m x n temporaries during the step.
+    Each LoRA pair takes the paper's step (:func:`lora_pro_step`): Adam on the equivalent gradient, whose
+    direction is mapped back onto A and B. Memory: two fp32 m x n moments per adapted m x n weight, the
+    optimizer state of full fine-tuning of those weights (8 bytes per base weight entry), plus about two
+    m x n temporaries during the step. Other trainable parameters (biases, modules_to_save) get AdamW.
 
     Args:
         model: A peft model with LoRA adapters (or any module holding peft LoRA layers).
         lr: Learning rate.
-        weight_decay: Decoupled weight decay for matrices (not for biases or norms). In full mode it
-            decays the adapter product ``B A`` only, not the base weights.
+        weight_decay: Decoupled weight decay for matrices (not for biases or norms). On a LoRA pair it
+            decays the adapter product ``B A``, never the base weights; the authors' code uses 0.
         betas: Adam's moment coefficients.
         eps: Adam's epsilon.
-        mode: ``"efficient"`` or ``"full"``.
+        mode: ``"full"``, the paper's algorithm (the only mode; ``"efficient"`` was removed, see
+            docs/lora.md).
         rcond: Relative cutoff for the pseudo-inverses of ``B^T B`` and ``A A^T`` (B = 0 at LoRA's start).
 
     Returns:
@@ -313,8 +342,7 @@ def create_lora_pro_optimizer(
     Raises:
         ZoftError: Non-LoRA peft methods, no trainable LoRA layer, unsupported LoRA layers, bad mode.
     """
-    if mode not in ("efficient", "full"):
-        raise ZoftError(f"LoRA-Pro: unknown mode {mode!r}; use 'efficient' or 'full'")
+    _check_mode(mode)
     if not lr > 0:
         raise ZoftError(f"LoRA-Pro: lr must be positive, got {lr!r}")
     pairs = find_lora_pairs(model)
@@ -331,10 +359,11 @@ def create_lora_pro_optimizer(
 
 
 __all__ = [
+    "EFFICIENT_REMOVED",
     "LoraProAdamW",
-    "correct_lora_gradients",
     "create_lora_pro_optimizer",
     "equivalent_gradient",
     "find_lora_pairs",
     "lora_pro_gradients",
+    "lora_pro_step",
 ]

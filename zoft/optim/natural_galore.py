@@ -38,7 +38,10 @@ DEFAULT_UPDATE_PROJ_GAP = 200  # T: steps between SVD refreshes of the subspace 
 DEFAULT_SCALE = 0.25  # alpha: the low-rank update is multiplied by this when mapped back
 # Natural GaLore's additions.
 DEFAULT_HISTORY = 20  # s: projected gradients kept for the empirical Fisher (0 turns the natural step off)
-DEFAULT_DAMPING = 1.0  # delta: Tikhonov damping relative to the window's mean squared gradient norm
+DEFAULT_DAMPING_MODE = "absolute"  # the paper's fixed lambda; "relative" scales it by the window's gradients
+DEFAULT_DAMPING = 1e-3  # lambda, absolute (the paper and its code): F = lambda I + G G^T
+DEFAULT_RELATIVE_DAMPING = 1.0  # delta for damping_mode "relative": lambda = delta * mean_i ||g_i||^2
+DAMPING_MODES = ("absolute", "relative")
 
 
 def inverse_fisher_vector_product(g: torch.Tensor, history: torch.Tensor, damping: float) -> torch.Tensor:
@@ -73,18 +76,23 @@ class NaturalGaLore(torch.optim.Optimizer):
 
     1. every ``update_proj_gap`` steps (and on the first), a new basis from the SVD of the gradient;
     2. ``g = project(grad)`` (r x n or m x r, the smaller side is kept as galore-torch does);
-    3. if ``history`` > 0: ``g`` joins a window of the last s projected gradients G (it is one of them), and
-       ``g <- lam (lam I + G G^T)^{-1} g`` with ``lam = damping * mean_i ||g_i||^2`` (Woodbury, s x s solve);
+    3. if ``history`` > 0: ``g`` joins a window of the last s projected gradients G (it is one of them), and is
+       replaced through the Woodbury identity (an s x s solve) by
+       ``(lam I + G G^T)^{-1} g`` with ``lam = damping`` (``damping_mode="absolute"``, the paper's, default
+       1e-3), or by ``lam (lam I + G G^T)^{-1} g`` with ``lam = damping * mean_i ||g_i||^2``
+       (``damping_mode="relative"``, default damping 1.0);
     4. Adam on ``g`` with moments in the projected space, bias correction folded into the step size;
     5. ``p -= step_size * scale * project_back(m / (sqrt(v) + eps))``, then decoupled weight decay
        ``p -= lr * weight_decay * p`` (galore-torch's update order).
 
-    Why ``lam`` is relative and the result multiplied by ``lam``: the paper's F^{-1} g with a fixed absolute
-    lam equals this up to the constant factor lam, which Adam's normalisation cancels; tying lam to the
-    window's gradient norm makes ``damping`` mean the same thing for every layer and at every loss scale,
-    and keeps g on the gradient's scale (directions outside the window pass unchanged, directions the
-    window has seen often are shrunk). Groups without ``rank`` (and 1-D parameters in any group) are plain
-    AdamW with the same update formula.
+    The two damping modes. ``absolute`` is the paper's and its code's: a fixed lam (1e-3) next to G G^T, so the
+    window's directions are damped by how large the gradients are against lam; with gradients much larger
+    than sqrt(lam) they are almost removed. Adam then runs on ``F^{-1} g`` as the paper does (Adam's
+    normalisation makes the scale 1/lam of unseen directions irrelevant, up to its eps). ``relative`` (zoft's
+    earlier default) ties lam to the window's mean squared gradient norm, so ``damping`` means the same for
+    every layer and loss scale, and multiplies the result by lam to keep it on the gradient's scale; at
+    damping 1 it whitens much less than the paper (docs/natural_galore.md measures both). Groups without
+    ``rank`` (and 1-D parameters in any group) are plain AdamW with the same update formula.
 
     Subspace refresh policy (``reproject_moments``, default True): when the basis changes from P_old to
     P_new, the first moment and the gradient window are re-expressed in the new basis with the r x r matrix
@@ -107,8 +115,10 @@ class NaturalGaLore(torch.optim.Optimizer):
         update_proj_gap: T, steps between SVD refreshes, for groups with ``rank``.
         scale: GaLore's alpha, multiplies the update mapped back to full size.
         history: s, projected gradients kept for the empirical Fisher; 0 gives exactly GaLore-AdamW.
-        damping: delta > 0, damping relative to the window's mean squared gradient norm. Larger is closer to
-            plain GaLore; smaller whitens harder (and amplifies noise).
+        damping: lam > 0 for ``damping_mode="absolute"`` (default 1e-3, the paper's), or delta > 0 relative to
+            the window's mean squared gradient norm for ``"relative"``. Larger is closer to plain GaLore;
+            smaller whitens harder (and amplifies noise).
+        damping_mode: ``"absolute"`` (the paper's) or ``"relative"`` (see above).
         reproject_moments: The subspace refresh policy above.
 
     Raises:
@@ -127,6 +137,7 @@ class NaturalGaLore(torch.optim.Optimizer):
         history: int = DEFAULT_HISTORY,
         damping: float = DEFAULT_DAMPING,
         reproject_moments: bool = True,
+        damping_mode: str = DEFAULT_DAMPING_MODE,
     ):
         defaults = {
             "lr": lr,
@@ -137,6 +148,7 @@ class NaturalGaLore(torch.optim.Optimizer):
             "scale": scale,
             "history": history,
             "damping": damping,
+            "damping_mode": damping_mode,
             "reproject_moments": reproject_moments,
         }
         super().__init__(params, defaults)
@@ -232,14 +244,23 @@ class NaturalGaLore(torch.optim.Optimizer):
         state["history_pos"] = (pos + 1) % s
         # Slots fill from 0 upwards and wrap only once full, so the live ones are always [0, count).
         active_gram = gram[:count, :count]
-        mean_sq_norm = float(active_gram.diagonal().sum()) / count
-        if mean_sq_norm == 0.0:
-            return g
-        lam = group["damping"] * mean_sq_norm
-        eye = torch.eye(count, dtype=gram.dtype, device=gram.device)
-        y = torch.linalg.solve(lam * eye + active_gram, dots[:count])
-        # lam * (lam I + G G^T)^{-1} g = g - G (lam I + G^T G)^{-1} G^T g, and G^T g is the row just stored.
-        out = g.reshape(-1).float() - flat_hist[:count].float().t() @ y
+        relative = group.get("damping_mode", "relative") == "relative"  # state from before the key: relative
+        if relative:
+            mean_sq_norm = float(active_gram.diagonal().sum()) / count
+            if mean_sq_norm == 0.0:
+                return g
+            lam = group["damping"] * mean_sq_norm
+        else:
+            lam = group["damping"]
+        # g is column `pos` of G, so (lam I + G G^T)^{-1} g = G (lam I + G^T G)^{-1} e_pos (push-through
+        # identity): an s x s solve and one combination of the window, without the cancellation of Woodbury's
+        # (g - G y) / lam, which loses every digit in float32 once lam is far below |g|^2 (the paper's 1e-3).
+        # The s x s solve runs in float64: lam + G^T G is as ill-conditioned as lam is small.
+        eye = torch.eye(count, dtype=torch.float64, device=gram.device)
+        z = torch.linalg.solve(lam * eye + active_gram.double(), eye[:, pos])
+        if relative:
+            z = z * lam  # zoft's relative mode keeps the result on the gradient's scale
+        out = flat_hist[:count].float().t() @ z.float()
         return out.view(g.shape).to(g.dtype)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -275,6 +296,11 @@ def _check_group(group: dict[str, Any]) -> None:
         raise ZoftError(f"NaturalGaLore history must be an int >= 0 (0 = plain GaLore), got {group['history']!r}")
     if group["history"] > 0 and not group["damping"] > 0:
         raise ZoftError(f"NaturalGaLore damping must be > 0 when history > 0, got {group['damping']!r}")
+    if group.get("damping_mode", DEFAULT_DAMPING_MODE) not in DAMPING_MODES:
+        raise ZoftError(
+            f"NaturalGaLore damping_mode must be 'absolute' (the paper's fixed lambda) or 'relative', "
+            f"got {group['damping_mode']!r}"
+        )
     if not group["scale"] > 0:
         raise ZoftError(f"NaturalGaLore scale must be > 0, got {group['scale']!r}")
 
@@ -380,6 +406,7 @@ def natural_galore_param_groups(
     history: int = DEFAULT_HISTORY,
     damping: float = DEFAULT_DAMPING,
     reproject_moments: bool = True,
+    damping_mode: str = DEFAULT_DAMPING_MODE,
 ) -> list[dict[str, Any]]:
     """Param groups for :class:`NaturalGaLore`: targeted linear weights projected, the rest plain AdamW.
 
@@ -390,7 +417,8 @@ def natural_galore_param_groups(
         model: The model; only parameters with ``requires_grad`` are included.
         target_modules: See :func:`select_target_parameters`.
         weight_decay: Decoupled weight decay for matrices.
-        rank, update_proj_gap, scale, history, damping, reproject_moments: See :class:`NaturalGaLore`.
+        rank, update_proj_gap, scale, history, damping, reproject_moments, damping_mode: See
+            :class:`NaturalGaLore`.
 
     Returns:
         Up to three groups: projected weights (with ``rank`` set), other matrices, and 1-D parameters.
@@ -418,6 +446,7 @@ def natural_galore_param_groups(
             "scale": scale,
             "history": history,
             "damping": damping,
+            "damping_mode": damping_mode,
             "reproject_moments": reproject_moments,
         }
     ]
@@ -574,6 +603,7 @@ def create_natural_galore_optimizer(
     damping: float = DEFAULT_DAMPING,
     reproject_moments: bool = True,
     layerwise: bool = False,
+    damping_mode: str = DEFAULT_DAMPING_MODE,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     gradient_accumulation_steps: int = 1,
@@ -586,7 +616,8 @@ def create_natural_galore_optimizer(
         weight_decay: Decoupled weight decay for matrices (not biases / norms).
         target_modules: Linear layers to project: ``"all-linear"``, a regex, or a list (see
             :func:`select_target_parameters`).
-        rank, update_proj_gap, scale, history, damping, reproject_moments: See :class:`NaturalGaLore`.
+        rank, update_proj_gap, scale, history, damping, reproject_moments, damping_mode: See
+            :class:`NaturalGaLore`.
         layerwise: Step each parameter inside its gradient hook and free its gradient (returns a
             :class:`NaturalGaLoreLayerwise`); needs ``gradient_accumulation_steps == 1`` and one process.
         betas: Adam's betas.
@@ -601,7 +632,8 @@ def create_natural_galore_optimizer(
             is combined with gradient accumulation or data parallelism.
     """
     groups = natural_galore_param_groups(
-        model, target_modules, weight_decay, rank, update_proj_gap, scale, history, damping, reproject_moments
+        model, target_modules, weight_decay, rank, update_proj_gap, scale, history, damping, reproject_moments,
+        damping_mode,
     )
     kwargs = _adam_kwargs(lr, betas, eps)
     if not layerwise:
