@@ -397,6 +397,7 @@ class GradNormCache:
     down_proj one; :func:`apply_wta_crs` on LoRA lora_A layers with dropout 0: q/k/v one). E.g. SmolLM2
     with the default Llama targets (3 groups x 30 layers), 8,000 examples of 128 tokens: 184 MB.
     :meth:`nbytes` gives the current size. ``hits`` / ``misses`` count the lookups of sampling layers.
+    Setting ``refresh = False`` stops recording (the stored norms stay as they are; for measurements).
     """
 
     def __init__(
@@ -414,6 +415,7 @@ class GradNormCache:
         self.batch_mask: torch.Tensor | None = None  # (batch, seq) bool: the stored positions
         self.hits = 0
         self.misses = 0
+        self.refresh = True
         self._store: dict[str, dict[int, torch.Tensor]] = {}
 
     def set_batch(
@@ -471,7 +473,7 @@ class GradNormCache:
     def recorder(self, layer: str, x_shape: torch.Size) -> Callable[[torch.Tensor], None] | None:
         """A callback for the backward pass that stores this batch's norms under its example ids."""
         mask = self._positions(x_shape)
-        if mask is None:
+        if mask is None or not self.refresh:
             return None
         ids = list(self.batch_ids)
 
