@@ -285,8 +285,9 @@ class _SeedClock:
     ``set_seed``, saved and restored by HF's checkpoints); an int makes it ``hash(seed, forward count)``.
     """
 
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, cache: GradNormCache | None = None):
         self.seed = seed
+        self.cache = cache
         self.forwards = 0
         self.current: int | None = None
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -310,27 +311,30 @@ class _SeedClock:
         gen.manual_seed(seed)
         return seed, gen
 
-    def attach(self, model: nn.Module, cache: GradNormCache | None = None) -> None:
-        """Tick (and give ``cache`` the batch's token keys) before every training-mode forward of ``model``.
+    def attach(self, model: nn.Module) -> None:
+        """Tick (and give the cache the batch's token keys) before every training-mode forward of ``model``.
 
         Grad mode is not looked at, like dropout: a reentrant checkpoint's first pass runs under
-        ``no_grad`` and must still advance the clock exactly as an unchekpointed forward does.
+        ``no_grad`` and must still advance the clock exactly as a forward without checkpointing does.
         """
+        # A bound method, not a closure: copy.deepcopy(model) then gives the copy's hook the copy's clock.
+        self._hook = model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
 
-        def hook(module, args, kwargs):
-            if not module.training:
-                return
-            self.tick()
-            if cache is not None and cache.key_by == "tokens":
-                ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
-                cache.set_batch_from_tokens(ids, kwargs.get("attention_mask"))
-
-        self._hook = model.register_forward_pre_hook(hook, with_kwargs=True)
+    def _before_forward(self, module, args, kwargs):
+        if not module.training:
+            return
+        self.tick()
+        if self.cache is not None and self.cache.key_by == "tokens":
+            ids = kwargs.get("input_ids", args[0] if args and torch.is_tensor(args[0]) else None)
+            self.cache.set_batch_from_tokens(ids, kwargs.get("attention_mask"))
 
     def detach(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def __getstate__(self):  # torch.Generator objects are per-process scratch: not copied or pickled
+        return {**self.__dict__, "_generators": {}}
 
 
 class _SharedNorms:
@@ -706,8 +710,8 @@ def apply_wta_crs(
             f"WTA-CRS target_modules {target_modules!r} match {len(matched)} layers (e.g. {matched[0]!r}) but none has a "
             "trainable weight, so there is no activation to save; unfreeze them or apply after get_peft_model"
         )
-    memo, clock = _SampleMemo(), _SeedClock(seed)
-    clock.attach(model, grad_norm_cache)
+    memo, clock = _SampleMemo(), _SeedClock(seed, grad_norm_cache)
+    clock.attach(model)
     for name, linear in plan:
         wrapped = WTACRSLinear(linear, ratio, grad_norm_cache, name=name, sample_memo=memo, clock=clock)
         _set_submodule(model, name, wrapped)
