@@ -550,3 +550,17 @@ def _row_key(batch, row):
     probe = GradNormCache()
     probe.set_batch_from_tokens(batch["input_ids"][row : row + 1], batch["attention_mask"][row : row + 1])
     return probe.batch_ids[0]
+
+
+def test_a_model_called_twice_with_one_input_tensor_samples_it_twice():
+    # The layers of one apply_wta_crs call share a sample of a shared input within a forward, never across two.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).train()
+    apply_wta_crs(model, 0.25, ["0"])
+    x, grad_y = torch.randn(64, 16), torch.randn(64, 16)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        model(x).backward(grad_y)
+        grads.append(model[0].weight.grad.clone())
+    assert not torch.equal(grads[0], grads[1])

@@ -26,6 +26,10 @@ Unlike the reference code we also reweight the sampled rows when no gradient nor
 ``1/(s p_i)`` factor there, which biases that estimate), and cached norms are floored so a token whose
 gradient was zero last time can still be drawn.
 
+The deterministic set size ``|C|`` minimises the paper's variance proxy ``(1 - sum_{c in C} p_c) / (k - |C|)``
+over ``|C| in {0, ..., k-1}`` (``|C| = 0`` is plain column-row sampling, proxy ``1/k``); at least one row
+is always sampled so the estimate never drops the tail.
+
 Seeds and gradient checkpointing
 --------------------------------
 A layer's sample is a pure function of its input and a seed: ``hash(forward seed, layer name)``. The forward
@@ -34,10 +38,6 @@ from torch's default generator, so ``set_seed`` reproduces it and HF's checkpoin
 state) resume it. Gradient checkpointing re-runs a segment's forward inside the backward without calling the
 model again, so the recomputed layers see the same forward seed and draw the same rows: the gradient with
 checkpointing (either ``use_reentrant``) equals the gradient without it.
-
-The deterministic set size ``|C|`` minimises the paper's variance proxy ``(1 - sum_{c in C} p_c) / (k - |C|)``
-over ``|C| in {0, ..., k-1}`` (``|C| = 0`` is plain column-row sampling, proxy ``1/k``); at least one row
-is always sampled so the estimate never drops the tail.
 
 Which modules are worth replacing
 ---------------------------------
@@ -374,13 +374,14 @@ class _SampleMemo:
         self._key: tuple | None = None
         self._value = None
 
-    def get(self, x: torch.Tensor, ratio: float):
-        if self._key is None or self._key[0]() is not x or self._key[1:] != (x._version, ratio):
+    def get(self, x: torch.Tensor, ratio: float, forward: int | None):
+        """The sample stored for this very tensor (unchanged) in this very forward (``forward``: the seed)."""
+        if self._key is None or self._key[0]() is not x or self._key[1:] != (x._version, ratio, forward):
             return None
         return self._value
 
-    def put(self, x: torch.Tensor, ratio: float, value) -> None:
-        self._key = (weakref.ref(x), x._version, ratio)
+    def put(self, x: torch.Tensor, ratio: float, forward: int | None, value) -> None:
+        self._key = (weakref.ref(x), x._version, ratio, forward)
         self._value = value
 
 
@@ -572,7 +573,11 @@ class WTACRSLinear(nn.Module):
         ):
             return F.linear(x, self.weight, self.bias)
         cache = self.grad_norm_cache
-        memo = self.sample_memo.get(x, self.ratio) if self.sample_memo is not None else None
+        if self.clock.current is None:
+            self.clock.tick()
+        # Keyed by the forward seed too: a model called twice with one input tensor samples it twice.
+        forward = self.clock.current
+        memo = self.sample_memo.get(x, self.ratio, forward) if self.sample_memo is not None else None
         if memo is not None:
             sample, shared, seed = memo
             if shared is not None:
@@ -584,7 +589,7 @@ class WTACRSLinear(nn.Module):
             store = cache.recorder(self.name, x.shape) if cache is not None else None
             shared = _SharedNorms(store) if store is not None else None
             if self.sample_memo is not None:
-                self.sample_memo.put(x, self.ratio, (sample, shared, seed))
+                self.sample_memo.put(x, self.ratio, forward, (sample, shared, seed))
             self.bytes_in += x.numel() * x.element_size()
             self.bytes_kept += (
                 sum(t.numel() * t.element_size() for t in sample) if sample is not None else x.numel() * x.element_size()
