@@ -51,13 +51,13 @@ def _lora_config():
     return LoraConfig(r=8, target_modules=TARGETS, task_type="CAUSAL_LM")
 
 
-def _sft(model_dir, out, callbacks, **config):
+def _sft(model_dir, out, callbacks, texts=TEXTS, **config):
     """trl.SFTTrainer with SFTConfig's defaults; only what docs/callback.md says to set on a CPU machine."""
     from trl import SFTConfig, SFTTrainer
 
     set_seed(0)
     args = SFTConfig(**{"output_dir": str(out), "use_cpu": True, "max_steps": 2, **config})
-    return SFTTrainer(model=model_dir, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}),
+    return SFTTrainer(model=model_dir, args=args, train_dataset=Dataset.from_dict({"text": texts}),
                       peft_config=_lora_config(), callbacks=callbacks)
 
 
@@ -180,6 +180,19 @@ def test_wta_crs_in_a_plain_trainer_saves_what_its_counters_say(tiny_llama_dir, 
     assert layers == 4 and len(plain_bytes) == len(wta_bytes) == 1
     assert plain_bytes[0] - wta_bytes[0] == bytes_in - bytes_kept > 0
     assert bytes_kept / bytes_in <= _kept_fraction_bound(bytes_in, samples=2)
+
+
+def test_wta_crs_grad_norm_cache_through_the_callback_hits_from_the_second_epoch(tiny_llama_dir, tmp_path):
+    # 16 rows, 8 per step: epoch 1 is steps 1-2, epoch 2 steps 3-4, in another (shuffled) order. Examples are
+    # recognised by their tokens, so every lookup of epoch 1 misses and every lookup of epoch 2 hits.
+    callback = ZoftCallback(wta_crs={"ratio": RATIO, "target_modules": TARGETS, "grad_norm_cache": True})
+    trainer = _sft(tiny_llama_dir, tmp_path, [callback], texts=TEXTS[:16], max_steps=4)
+    trainer.train()
+    cache, groups = callback.grad_norm_cache, 2  # q and v's lora_A share one sample per layer
+    assert "gradient-aware" in callback.describe()
+    # each step: a lookup in the forward and one in the checkpointed recomputation, per group
+    assert (cache.misses, cache.hits) == (2 * groups * 2, 2 * groups * 2)
+    assert len(cache) == 16 * groups
 
 
 # ---------------------------------------------------------------- LoRA-Pro
