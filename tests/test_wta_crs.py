@@ -384,3 +384,183 @@ def test_autocast_bf16_matches_plain_linear_forward_and_gives_fp32_weight_grads(
     assert torch.equal(y, ref)
     y.float().sum().backward()
     assert lin.weight.grad.dtype == torch.float32 and torch.isfinite(lin.weight.grad).all()
+
+
+# ---------------------------------------------------------------- gradient checkpointing (issue 22 item 1)
+
+
+def _checkpointing_grads(lora, checkpointing, use_reentrant=False, rng_seed=0, steps=2):
+    """Trainable gradients of `steps` forward/backward passes on a tiny Llama with WTA-CRS, summed per step."""
+    model = tiny_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        model = get_peft_model(model, cfg)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.train()
+    apply_wta_crs(model, 0.3, targets)
+    torch.manual_seed(rng_seed)  # the forward seeds come from torch's default generator
+    grads = []
+    for step in range(steps):
+        ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(10 + step))
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_draws_the_same_rows_as_without(lora, use_reentrant):
+    # Regression (issue 22): the recomputed forward drew a new sample, so non-reentrant checkpointing raised
+    # CheckpointError (different saved shapes) and reentrant checkpointing silently used other rows.
+    plain = _checkpointing_grads(lora, checkpointing=False)
+    checkpointed = _checkpointing_grads(lora, checkpointing=True, use_reentrant=use_reentrant)
+    for step, (a, b) in enumerate(zip(plain, checkpointed)):
+        assert sorted(a) == sorted(b)
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-5, atol=1e-7, msg=f"step {step}: {name}")
+    # ... and the gradients are sampled ones: another seed gives others.
+    other = _checkpointing_grads(lora, checkpointing=True, use_reentrant=use_reentrant, rng_seed=1, steps=1)[0]
+    sampled = [n for n in a if ("lora_A" in n if lora else "down_proj" in n)]
+    assert sampled and all(not torch.allclose(other[n], plain[0][n]) for n in sampled)
+
+
+def test_the_sample_is_a_function_of_the_forward_seed_and_the_layer_name():
+    # An explicit seed: the rows depend on (seed, forward count, layer name), not on torch's global RNG.
+    def grads(seed, rng):
+        model = tiny_llama()
+        apply_wta_crs(model, 0.3, ["down_proj"], seed=seed)
+        ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(rng)
+        out = []
+        for _ in range(2):
+            model.zero_grad()
+            model(input_ids=ids, labels=ids).loss.backward()
+            out.append(model.model.layers[0].mlp.down_proj.weight.grad.clone())
+        return out
+
+    a, b, c = grads(5, rng=0), grads(5, rng=1), grads(6, rng=0)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # the global RNG does not matter
+    assert not torch.equal(a[0], a[1])  # a new forward, a new sample
+    assert not torch.equal(a[0], c[0])  # another seed, another sample
+
+
+# ---------------------------------------------------------------- gradient-aware sampling (issue 15 item 12)
+
+
+def test_gradient_aware_probabilities_are_the_formula():
+    torch.manual_seed(0)
+    x = torch.randn(10, 6)
+    g = torch.rand(10) * 3
+    g[[2, 7]] = 0.0  # zero gradient (padding): floored at 1% of the mean, never 0
+    p = sampling_probabilities(x, g)
+    w = x.norm(dim=1) * torch.maximum(g, 0.01 * g.mean())
+    torch.testing.assert_close(p, w / w.sum())
+    torch.testing.assert_close(sampling_probabilities(x), x.norm(dim=1) / x.norm(dim=1).sum())
+
+
+def test_gradient_aware_estimate_is_unbiased_and_beats_input_norms_with_padding():
+    # Half the rows are "padding": ordinary inputs, zero output gradient. p ∝ ||x_i|| spends half the budget on
+    # them; p ∝ ||x_i|| ||g_i|| (floored) spends almost none.
+    torch.manual_seed(0)
+    x, grad_y, _ = skewed_problem(n=64)
+    grad_y[32:] = 0.0
+    exact = grad_y.t() @ x
+    k, samples = 16, 2000
+
+    def estimates(hint):
+        probs = sampling_probabilities(x, hint)
+        out = []
+        for _ in range(samples):
+            idx, w = wta_crs_sample(probs, k)
+            out.append((grad_y[idx] * w[:, None]).t() @ x[idx])
+        return torch.stack(out)
+
+    aware, plain = estimates(grad_y.norm(dim=1)), estimates(None)
+    var_aware = ((aware - exact) ** 2).sum(dim=(1, 2)).mean()
+    var_plain = ((plain - exact) ** 2).sum(dim=(1, 2)).mean()
+    err = (aware.mean(0) - exact).norm() / exact.norm()
+    assert err <= 3.5 * math.sqrt(var_aware / samples) / exact.norm()
+    assert err < 0.02
+    assert var_aware < 0.5 * var_plain
+
+
+def _padded_batch(lengths, pad_to, seed=0, order=None):
+    """Rows of random tokens (a fixed row per length), right-padded to `pad_to`, labels -100 on padding."""
+    rows = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(seed + i)) for i, n in enumerate(lengths)]
+    order = order or list(range(len(rows)))
+    ids = torch.zeros(len(rows), pad_to, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, i in enumerate(order):
+        ids[r, : len(rows[i])], mask[r, : len(rows[i])] = rows[i], 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def test_grad_norm_cache_keys_examples_by_tokens_and_stores_the_group_norms():
+    model, ref = tiny_llama(), tiny_llama()
+    targets = ["q_proj", "k_proj", "v_proj", "down_proj"]
+    cache = GradNormCache()
+    apply_wta_crs(model, 0.3, targets, grad_norm_cache=cache)
+    lengths = [12, 5, 9]
+    batch = _padded_batch(lengths, pad_to=14)
+    model(**batch).loss.backward()
+    assert (cache.hits, cache.misses) == (0, 4)  # first visit: each layer's sampling group looks up, misses
+
+    # Reference: per-token output-gradient norms of the plain model, q/k/v combined as sqrt(sum of squares).
+    outs = {}
+
+    def keep(name):
+        def hook(module, args, y):
+            y.retain_grad()
+            outs[name] = y
+
+        return hook
+
+    for name, m in ref.named_modules():
+        if name.endswith(tuple(targets)):
+            m.register_forward_hook(keep(name))
+    ref(**batch).loss.backward()
+    for layer in range(2):
+        attn = [outs[f"model.layers.{layer}.self_attn.{t}"].grad.norm(dim=-1) for t in ("q_proj", "k_proj", "v_proj")]
+        groups = {
+            f"model.layers.{layer}.self_attn.q_proj": torch.stack(attn).pow(2).sum(0).sqrt(),
+            f"model.layers.{layer}.mlp.down_proj": outs[f"model.layers.{layer}.mlp.down_proj"].grad.norm(dim=-1),
+        }
+        for name, norms in groups.items():
+            for row, n in enumerate(lengths):  # stored under the row's tokens, real positions only
+                key = _row_key(batch, row)
+                torch.testing.assert_close(cache._store[name][key].float(), norms[row, :n], rtol=1e-2, atol=1e-9)
+    assert len(cache) == 4 * 3 and cache.nbytes() == 4 * sum(lengths) * 2  # bf16
+
+    # Second visit: other order, other padding length: every group finds its rows, zeros at the padding.
+    again = _padded_batch(lengths, pad_to=20, order=[2, 0, 1])
+    model.zero_grad()
+    model(**again).loss.backward()
+    assert (cache.hits, cache.misses) == (4, 4)
+    cache.set_batch_from_tokens(again["input_ids"], again["attention_mask"])
+    hint = cache.lookup("model.layers.0.mlp.down_proj", torch.Size([3, 20, 64]))
+    assert hint is not None and torch.all(hint.view(3, 20)[again["attention_mask"] == 0] == 0)
+
+
+def _row_key(batch, row):
+    probe = GradNormCache()
+    probe.set_batch_from_tokens(batch["input_ids"][row : row + 1], batch["attention_mask"][row : row + 1])
+    return probe.batch_ids[0]
+
+
+def test_a_model_called_twice_with_one_input_tensor_samples_it_twice():
+    # The layers of one apply_wta_crs call share a sample of a shared input within a forward, never across two.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 16)).train()
+    apply_wta_crs(model, 0.25, ["0"])
+    x, grad_y = torch.randn(64, 16), torch.randn(64, 16)
+    grads = []
+    for _ in range(2):
+        model.zero_grad()
+        model(x).backward(grad_y)
+        grads.append(model[0].weight.grad.clone())
+    assert not torch.equal(grads[0], grads[1])

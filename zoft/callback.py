@@ -227,7 +227,8 @@ class ZoftCallback(TrainerCallback):
     before HF's reporters (TensorBoard, W&B, the progress bar) read it.
 
     Args:
-        wta_crs: a ratio in (0, 1], or ``{"ratio": r, "target_modules": [...]}`` (recipe ``memory.wta_crs``).
+        wta_crs: a ratio in (0, 1], or ``{"ratio": r, "target_modules": [...], "grad_norm_cache": bool}``
+            (recipe ``memory.wta_crs``). Works with gradient checkpointing (TRL's default).
         privacy: a :class:`zoft.privacy.trainer_dp.PrivacyConfig` or a dict of the recipe's ``privacy`` keys
             (``method`` defaults to flashdp; ``seed`` fixes the noise, for debugging only).
         lora_pro: True (or ``"full"``) for LoRA-Pro, the paper's algorithm: each LoRA pair is stepped by
@@ -258,6 +259,7 @@ class ZoftCallback(TrainerCallback):
         self._model = None
         self._state = None
         self._wta_names: list[str] = []
+        self.grad_norm_cache = None  # zoft.memory.wta_crs.GradNormCache with wta_crs grad_norm_cache
         self._pairs = None
         self._forward_restore = None
         self._loader_len: int | None = None
@@ -309,7 +311,8 @@ class ZoftCallback(TrainerCallback):
         parts = []
         if self.wta_crs is not None:
             where = f", {len(self._wta_names)} layers" if self._wta_names else ""
-            parts.append(f"WTA-CRS (ratio {self.wta_crs.ratio}{where})")
+            aware = ", gradient-aware" if self.wta_crs.grad_norm_cache else ""
+            parts.append(f"WTA-CRS (ratio {self.wta_crs.ratio}{where}{aware})")
         if self.privacy is not None:
             sigma = self.engine.noise_multiplier if self.engine is not None else self.privacy.noise_multiplier
             sigma_text = f"noise multiplier {sigma:.4g}" if sigma is not None else f"target epsilon {self.privacy.target_epsilon}"
@@ -365,9 +368,13 @@ class ZoftCallback(TrainerCallback):
             self.metrics.on_train_begin(args, state, control)
             self.metrics.attach_token_counter(model)
         if self.wta_crs is not None:
-            from zoft.memory.wta_crs import apply_wta_crs
+            from zoft.memory.wta_crs import GradNormCache, apply_wta_crs
 
-            self._wta_names = apply_wta_crs(model, self.wta_crs.ratio, self.wta_crs.target_modules)
+            if self.wta_crs.grad_norm_cache:
+                self.grad_norm_cache = GradNormCache()
+            self._wta_names = apply_wta_crs(
+                model, self.wta_crs.ratio, self.wta_crs.target_modules, grad_norm_cache=self.grad_norm_cache
+            )
         if self.privacy is not None:
             self._start_privacy(args, state, model, train_dataloader)
         if self.lora_pro:

@@ -133,10 +133,12 @@ def build_model_and_tokenizer(recipe: Recipe, *, tokenizer=None, init_data=None,
     elif recipe.peft is not None:
         model = apply_peft(model, recipe.peft, m.task)
     if recipe.memory is not None and recipe.memory.wta_crs is not None:
-        from zoft.memory.wta_crs import apply_wta_crs
+        from zoft.memory.wta_crs import GradNormCache, apply_wta_crs
 
+        wta = recipe.memory.wta_crs
         # After the peft wrap: with LoRA the adapters' lora_A layers are the ones that keep inputs.
-        apply_wta_crs(model, recipe.memory.wta_crs.ratio, recipe.memory.wta_crs.target_modules)
+        cache = GradNormCache() if wta.grad_norm_cache else None
+        apply_wta_crs(model, wta.ratio, wta.target_modules, grad_norm_cache=cache)
     return model, tokenizer
 
 
