@@ -32,10 +32,13 @@ from torch import nn
 
 from zoft.errors import ZoftError
 from zoft.kernels.zo_ops import zo_ops
+from zoft.zo.lowprec import RoundingBits, rounded_write_, rounding_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 Z_GENERATORS = ("torch", "philox")
+MASTER_WEIGHTS = ("auto", "fp32", "none")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_KERNEL_DIRECTIONS = 4  # directions one fused kernel call applies (more: several calls)
 
 
@@ -98,9 +101,13 @@ class ZOParameters:
             the adapters).
         run_seed: the run's seed; every z derives from it.
         distribution: ``"gaussian"`` or ``"rademacher"``.
-        master_weights: ``"auto"`` keeps an fp32 copy of trained parameters stored in a lower
-            precision (updates of ~1e-6 vanish below bf16 resolution otherwise), ``"fp32"``
-            always, ``"none"`` never.
+        master_weights: how trained parameters stored in bf16/fp16 are updated. ``"auto"`` (default):
+            the update is computed in fp32 one chunk at a time and written back with seeded stochastic
+            rounding (:mod:`zoft.zo.lowprec`), so updates far below bf16 resolution survive in
+            expectation and nothing is kept beyond the weights; ``"fp32"``: an fp32 copy (master) of
+            each such parameter is updated and copied to it (4 more bytes per parameter); ``"none"``:
+            fp32 update math rounded to nearest (updates below half a spacing are lost). fp32
+            parameters are updated in place in fp32 under every setting.
         z_generator: ``"torch"`` (default; ``torch.Generator``, device-dependent numbers),
             ``"philox"`` (the device-independent Philox stream, through the fused kernels on CUDA) or
             ``"auto"`` (philox when the parameters are computed on CUDA, see
@@ -115,6 +122,10 @@ class ZOParameters:
         pending_update: set by :class:`zoft.zo.offload.DeferredMeZOOptimizer`: ``name -> (step,
             coefficients, lr, weight_decay)`` or ``None``, the deferred update a perturbed forward must
             apply first (with philox, fused into the perturbation: one pass instead of two).
+        rounding: ``name -> (dtype, "stochastic" | "nearest")`` for each parameter whose updated value is
+            rounded to a 16-bit dtype (no master): half-precision parameters, and offloaded blocks stored in
+            16 bits but computed in fp32 (:meth:`round_to_storage`).
+        device: where z and the rounding bits are drawn (the compute device).
     """
 
     def __init__(
@@ -137,10 +148,18 @@ class ZOParameters:
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to perturb")
         self.names_by_id = {id(p): n for n, p in self.params.items()}
+        if master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"unknown master_weights {master_weights!r}; expected one of {MASTER_WEIGHTS}")
+        self.master_weights = master_weights
         self.masters: dict[str, torch.Tensor] = {}
+        self.rounding: dict[str, tuple[torch.dtype, str]] = {}
         for name, p in self.params.items():
-            if master_weights == "fp32" or (master_weights == "auto" and p.dtype != torch.float32):
+            if p.dtype not in _HALF_DTYPES:
+                continue  # fp32 (or wider) parameters are updated in place, as they always were
+            if master_weights == "fp32":
                 self.masters[name] = p.detach().to(torch.float32).clone()
+            else:
+                self.rounding[name] = (p.dtype, "stochastic" if master_weights == "auto" else "nearest")
         # Modules that own a trained parameter directly; a tied parameter has several owners.
         self._owners: list[tuple[nn.Module, list[tuple[str, str]]]] = []
         owner_count: dict[int, int] = {}
@@ -165,6 +184,7 @@ class ZOParameters:
         )
         self.z_generator_requested = z_generator
         self.z_generator = resolve_z_generator(z_generator, on_cuda)
+        self.device = torch.device(compute_device) if compute_device is not None else next(iter(self.params.values())).device
         offloaded_to_cuda = compute_device is not None and torch.device(compute_device).type == "cuda"
         if self.z_generator == "torch" and offloaded_to_cuda and any(m.device.type != "cuda" for m in self.masters.values()):
             # The fp32 masters stay in CPU memory while the blocks compute on the GPU: the update would draw z
@@ -280,15 +300,44 @@ class ZOParameters:
             and name not in self._constrained
         )
 
-    def perturbed_pair(self, name: str, step: int, direction: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def perturbed_pair(
+        self,
+        name: str,
+        step: int,
+        direction: int,
+        eps: float,
+        update: tuple[int, list[tuple[int, float]], float, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta + eps z, theta - eps z)`` from one sample of z, for the paired forward
-        (:mod:`zoft.zo.paired`); each equals :meth:`perturbed_value` with ``+eps`` / ``-eps`` bit for bit."""
+        (:mod:`zoft.zo.paired`); each equals :meth:`perturbed_value` with ``+eps`` / ``-eps`` bit for bit.
+
+        ``update``: a deferred update to apply first, as for :meth:`perturbed_value`. With philox and a
+        kernel-ready tensor the update and both perturbed copies are one pass over the weight (one read and
+        one write of it, z in registers on CUDA): the paired forward's share of ZO2's fused pass.
+        """
         p = self.params[name]
+        if update is not None:
+            target = self.masters.get(name, p.data)
+            if self._can_fuse(name, target):
+                plus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                minus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                self._philox_update(name, target, *update, pert=(self.seed(step, direction, name), eps, plus), minus=minus)
+                self._sync_master(name)
+                return plus, minus
+            self.apply_update(*update, names=[name])
         value = self.value(name)
         if self.z_generator == "philox" and _kernel_ready(value) and p.dtype in _KERNEL_DTYPES:
-            # Two kernel passes with z in registers (CUDA) beat one materialized z there, and round
-            # exactly like perturbed_value.
-            return self.perturbed_value(name, step, direction, +eps), self.perturbed_value(name, step, direction, -eps)
+            # One kernel pass writes both copies (z in registers on CUDA); they round exactly like
+            # perturbed_value's. The weight itself is only read.
+            self.weight_passes += 1
+            self.z_generations += 1
+            value = value.to(p.device)
+            plus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            minus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            zo_ops(p.device).fused_update_perturb(
+                value, [], [], 0.0, self.seed(step, direction, name), eps, plus, out_minus=minus, rademacher=self._rademacher
+            )
+            return plus, minus
         z = self.z(name, step, direction)
         if value.dtype == torch.float64:
             z = z.to(torch.float64)
@@ -344,6 +393,16 @@ class ZOParameters:
 
     # -- the update -----------------------------------------------------------------------------
 
+    def round_to_storage(self, name: str, dtype: torch.dtype, rounding: str) -> None:
+        """Round ``name``'s updated values to ``dtype``: a parameter stored in ``dtype`` but computed in a
+        wider one (ZO2's AMP mode, :class:`zoft.zo.offload.BlockOffloader`). Drops its fp32 master."""
+        self.masters.pop(name, None)
+        self.rounding[name] = (dtype, rounding)
+
+    def round_seed(self, step: int, name: str, group: int = 0) -> int:
+        """The seed of the rounding bits of ``name`` after step ``step``'s update (:func:`rounding_seed`)."""
+        return rounding_seed(self.run_seed, step, name, group)
+
     @torch.no_grad()
     def apply_update(
         self,
@@ -359,7 +418,9 @@ class ZOParameters:
         direction k already divided by the number of directions. Biases and norm weights get no
         decay. The same call is used by training and by ``zoft replay``, so both round alike. With the
         philox generator the update runs through ``zo_ops(target.device)`` (``fused_update_perturb``
-        without a perturbation: z is never materialized on CUDA).
+        without a perturbation: z is never materialized on CUDA). A parameter in :attr:`rounding` gets
+        the update computed in fp32 and rounded to its dtype once (stochastically: seeded by
+        :meth:`round_seed`); an fp32 parameter is updated in place in fp32.
         """
         for name in names if names is not None else self.params:
             p = self.params[name]
@@ -367,6 +428,9 @@ class ZOParameters:
             if self.z_generator == "philox":
                 if self._philox_update(name, target, step, coefficients, lr, weight_decay):
                     self._sync_master(name)
+                continue
+            if name in self.rounding:
+                self.rounded_update(name, step, coefficients, lr, weight_decay)
                 continue
             wd = 0.0 if _is_no_decay(name, p) else weight_decay
             if lr * wd != 0.0:
@@ -378,6 +442,66 @@ class ZOParameters:
                     self.weight_passes += 1
             self._sync_master(name)
         self._constrain()
+
+    @torch.no_grad()
+    def rounded_update(
+        self,
+        name: str,
+        step: int,
+        coefficients: list[tuple[int, float]],
+        lr: float,
+        weight_decay: float,
+        dense: tuple[torch.Tensor, float] | None = None,
+    ) -> bool:
+        """``round(theta * (1 - lr wd) - c * dense - sum_k lr c_k z_k)`` in fp32, written back chunk by chunk.
+
+        The plain-torch path of a parameter in :attr:`rounding` (torch z, or philox z of a tensor the
+        kernels do not take). ``dense``: ``(tensor, c)``, a term subtracted before the z terms (Addax's
+        first-order gradient). Torch z is materialized whole (its stream is not addressable by offset);
+        philox z, the fp32 accumulator and the rounding bits one chunk at a time. One pass over the weight.
+        Returns whether it was written (not when every term is zero: lr = 0 leaves it untouched).
+        """
+        p = self.params[name]
+        dtype, rounding = self.rounding[name]
+        wd_coef = lr * (0.0 if _is_no_decay(name, p) else weight_decay)
+        terms = [(k, lr * c) for k, c in coefficients if lr * c != 0.0]
+        if dense is not None and dense[1] == 0.0:
+            dense = None
+        if wd_coef == 0.0 and not terms and dense is None:
+            return False
+        target = p.data
+        work = target if target.is_contiguous() else target.contiguous()
+        flat = work.view(-1)
+        dense_flat = None if dense is None else dense[0].detach().reshape(-1)
+        if self.z_generator == "torch":
+            zs = [self.z(name, step, k).view(-1) for k, _ in terms]
+
+            def z_chunk(i: int, a: int, b: int) -> torch.Tensor:
+                return zs[i][a:b]
+        else:
+            ops, seeds = zo_ops(work.device), [self.seed(step, k, name) for k, _ in terms]
+            self.z_generations += len(terms)
+
+            def z_chunk(i: int, a: int, b: int) -> torch.Tensor:
+                zeros = torch.zeros(b - a, dtype=torch.float32, device=work.device)
+                return ops.perturbed_copy(zeros, seeds[i], 1.0, zeros, offset=a, rademacher=self._rademacher)
+
+        def compute(a: int, b: int, acc: torch.Tensor) -> torch.Tensor:
+            acc.copy_(flat[a:b])
+            if wd_coef != 0.0:
+                acc.mul_(1.0 - wd_coef)
+            if dense_flat is not None:
+                acc.add_(dense_flat[a:b], alpha=-dense[1])
+            for i, (_, c) in enumerate(terms):
+                acc.add_(z_chunk(i, a, b), alpha=-c)
+            return acc
+
+        bits = RoundingBits(self.round_seed(step, name), work.device, self.z_generator) if rounding == "stochastic" else None
+        rounded_write_(work, compute, dtype, rounding, bits)
+        if work is not target:
+            target.copy_(work)
+        self.weight_passes += 1
+        return True
 
     def _sync_master(self, name: str) -> None:
         if name in self.masters:
@@ -393,18 +517,25 @@ class ZOParameters:
         lr: float,
         weight_decay: float,
         pert: tuple[int, float, torch.Tensor] | None = None,
+        minus: torch.Tensor | None = None,
     ) -> bool:
         """The update of ``target`` with philox z, optionally fused with a perturbed copy into ``pert[2]``.
 
         In fp32: ``target * (1 - lr * wd) - sum_k (lr * c_k) z_k``, the directions applied 4 per kernel
-        call in order (the decay in the first call), the perturbation ``(seed, scale, out)`` in the last.
-        The fused and unfused calls round identically, so deferring and fusing never changes the bits.
-        Returns whether ``target`` was written (not with lr = 0).
+        call in order (the decay in the first call), the perturbation ``(seed, scale, out)`` in the last
+        (and ``minus``, the ``-scale`` copy of the paired forward, from the same z). A parameter in
+        :attr:`rounding` is rounded to its dtype at the end of each call (stochastically with the bits of
+        ``round_seed(step, name, call)``), in the kernel. The fused and unfused calls round identically,
+        so deferring and fusing never changes the bits. Returns whether ``target`` was written (not with
+        lr = 0).
         """
         p = self.params[name]
         wd_coef = lr * (0.0 if _is_no_decay(name, p) else weight_decay)
         terms = [(self.seed(step, k, name), lr * c) for k, c in coefficients if lr * c != 0.0]
+        rounding = None if name in self.masters else self.rounding.get(name)
         if not _kernel_ready(target):  # e.g. float64 or non-contiguous: materialize z, same order of terms
+            if rounding is not None:
+                return self.rounded_update(name, step, coefficients, lr, weight_decay)
             if wd_coef != 0.0:
                 target.mul_(1.0 - wd_coef)
                 self.weight_passes += 1
@@ -422,9 +553,13 @@ class ZOParameters:
             out = pert if i == len(chunks) - 1 else None
             if not chunk and decay == 0.0 and out is None:
                 continue  # nothing to do: no pass (lr = 0 leaves the weights untouched)
-            written = True
+            written = written or bool(chunk) or decay != 0.0
             self.weight_passes += 1
             self.z_generations += len(chunk) + (out is not None)
+            extra = {}
+            if rounding is not None:
+                extra["round_dtype"] = rounding[0]
+                extra["round_seed"] = self.round_seed(step, name, i) if rounding[1] == "stochastic" else None
             ops.fused_update_perturb(
                 target,
                 [s for s, _ in chunk],
@@ -434,6 +569,8 @@ class ZOParameters:
                 0.0 if out is None else out[1],
                 None if out is None else out[2],
                 rademacher=self._rademacher,
+                out_minus=minus if out is not None else None,
+                **extra,
             )
         return written
 
