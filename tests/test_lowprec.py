@@ -327,11 +327,17 @@ def test_replay_refuses_a_storage_it_cannot_reproduce_in_one_line():
     ({"offload": {"storage_dtype": "bfloat16"}, "method": {"master_weights": "fp32"}},
      "method.master_weights fp32 with offload.storage_dtype: an fp32 copy of every trained weight undoes"),
     ({"offload": {"storage_dtype": "float8"}}, "offload.storage_dtype: Input should be 'bfloat16' or 'float16'"),
+    ({"method": {"name": "adamw", "master_weights": "fp32"}},
+     "method.master_weights: only used by zeroth-order methods (their seeded update); method 'adamw' updates "
+     "through its optimizer in the model's dtype; drop it"),
+    ({"model": {"dtype": "bfloat16"}, "offload": {"rounding": "nearest"}},
+     "the updates of bf16/fp16 model weights are rounded as method.master_weights says (auto: stochastic, none: nearest)"),
+    ({"method": {"master_weights": "fp16"}}, "method.master_weights: Input should be 'auto', 'fp32' or 'none'"),
     ({"offload": {"sliced_upload": True}},
      "offload.sliced_upload: true shares block uploads among DistZO2 ranks, but the recipe has no distributed "
      "section; add one (distributed: {}) and launch several processes, or use auto"),
 ])
-def test_offload_settings_that_cannot_work_are_refused_in_one_line(tiny_llama_dir, sentiment_csv, tmp_path,
+def test_master_weights_and_offload_settings_that_cannot_work_are_refused_in_one_line(tiny_llama_dir, sentiment_csv, tmp_path,
                                                                     sections, expected):
     from conftest import tiny_recipe
 

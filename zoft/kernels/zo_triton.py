@@ -63,6 +63,16 @@ def _store_cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _bf16_nearest_f32(x):
+    """``_store_cast(x, bf16)`` as fp32 values, by integer ops only (the interpreter's bf16 -> fp32 cast
+    mishandles subnormals)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
+    r = tl.where(x != x, ((u >> 16) | 0x40) << 16, r)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tile(c_first, skip, n, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """Counters, lanes, element indices and mask of this program's (BLOCK_C, 4) tile."""
     pid = tl.program_id(0)
@@ -102,13 +112,13 @@ def _stochastic_bf16(x, r):
     t = ((x.to(tl.uint32, bitcast=True) + r) >> 16) << 16  # literals above 2**31 would widen to int64
     # Values beyond the largest finite bf16 (0x7F7F0000) and inf/NaN take round to nearest, as in torch.
     bad = ((t & 0x7F800000) == 0x7F800000) | ((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) > 0x7F7F0000)
-    return tl.where(bad, _store_cast(x, tl.bfloat16).to(tl.float32), t.to(tl.float32, bitcast=True))
+    return tl.where(bad, _bf16_nearest_f32(x), t.to(tl.float32, bitcast=True))
 
 
 @triton.jit
 def _stochastic_fp16(x, r):
     """``zo_reference.stochastic_round`` to fp16 (as fp32 values): 13 dropped bits for fp16 normals, multiples
-    of 2^-24 below 2^-14; round to nearest for non-finite x or an overflowing neighbour."""
+    of 2^-24 below 2^-14; round to nearest for non-finite x and beyond fp16's largest value."""
     u = x.to(tl.uint32, bitcast=True)
     mag = u & 0x7FFFFFFF
     sign = (u >> 31) << 31
@@ -119,7 +129,7 @@ def _stochastic_fp16(x, r):
     sub = (q + tl.where(up, 1.0, 0.0)) * (1.0 / 16777216.0)
     sub = tl.where(sign != 0, -sub, sub)
     val = tl.where(mag < 0x38800000, sub, normal)
-    bad = (mag >= 0x7F800000) | (tl.abs(val) > 65504.0)
+    bad = (mag >= 0x7F800000) | (tl.abs(x) > 65504.0)  # the away neighbour of 65504 is inf: nearest
     return tl.where(bad, x.to(tl.float16).to(tl.float32), val)
 
 
@@ -147,7 +157,7 @@ def _update_perturb_kernel(
             if ROUND_SR:
                 acc = _stochastic_bf16(acc, _round_bits(rseed, c, j))
             else:
-                acc = _store_cast(acc, tl.bfloat16).to(tl.float32)
+                acc = _bf16_nearest_f32(acc)
         elif ROUND == 2:
             if ROUND_SR:
                 acc = _stochastic_fp16(acc, _round_bits(rseed, c, j))

@@ -32,7 +32,7 @@ from torch import nn
 
 from zoft.errors import ZoftError
 from zoft.kernels.zo_ops import zo_ops
-from zoft.zo.lowprec import RoundingBits, rounded_write_, rounding_seed
+from zoft.zo.lowprec import CHUNK, RoundingBits, rounded_write_, rounding_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 Z_GENERATORS = ("torch", "philox")
@@ -91,6 +91,23 @@ def _kernel_ready(t: torch.Tensor) -> bool:
 def _is_no_decay(name: str, param: torch.Tensor) -> bool:
     # Weight decay is skipped for biases and norm weights (1-D tensors), as HF Trainer does.
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
+
+
+def _half_perturbed(value: torch.Tensor, z: torch.Tensor, scales: tuple[float, ...]) -> list[torch.Tensor]:
+    """``value + s * z`` for each scale ``s``, as the fp32 path computes it (``(z * s) + value`` in fp32, cast to
+    ``value``'s 16-bit dtype), one cache-sized chunk at a time: no full-size fp32 temporary beyond z, and no
+    mixed-dtype add (a slow, unvectorized loop on CPU)."""
+    outs = [torch.empty(value.shape, dtype=value.dtype, device=value.device) for _ in scales]
+    flat_v, flat_z, flat_outs = value.reshape(-1), z.view(-1), [o.view(-1) for o in outs]
+    n = flat_v.numel()
+    v32 = torch.empty(min(n, CHUNK), dtype=torch.float32, device=value.device)
+    tmp = torch.empty_like(v32)
+    for a in range(0, n, CHUNK):
+        b = min(n, a + CHUNK)
+        v = v32[: b - a].copy_(flat_v[a:b])
+        for out, s in zip(flat_outs, scales):
+            out[a:b] = torch.mul(flat_z[a:b], s, out=tmp[: b - a]).add_(v)
+    return outs
 
 
 class ZOParameters:
@@ -284,6 +301,8 @@ class ZOParameters:
             ops = zo_ops(p.device)
             return ops.perturbed_copy(value, self.seed(step, direction, name), scale, out, rademacher=self._rademacher)
         z = self.z(name, step, direction)
+        if value.dtype in _HALF_DTYPES and value.dtype == p.dtype:
+            return _half_perturbed(value, z, (scale,))[0]
         if value.dtype == torch.float64:
             z = z.to(torch.float64)
         # z becomes the temporary: z * scale + theta in at least fp32, then cast to the storage dtype.
@@ -339,6 +358,9 @@ class ZOParameters:
             )
             return plus, minus
         z = self.z(name, step, direction)
+        if value.dtype in _HALF_DTYPES and value.dtype == p.dtype:
+            plus, minus = _half_perturbed(value, z, (eps, -eps))
+            return plus, minus
         if value.dtype == torch.float64:
             z = z.to(torch.float64)
         plus = torch.mul(z, eps).add_(value)
