@@ -153,11 +153,15 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
         from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
         from zoft.zo.offload import check_cpu_memory
 
-        needed = shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype]
+        total = shape_of_recipe(recipe).total_params
+        needed = total * DTYPE_BYTES[recipe.model.dtype]
+        # method.master_weights fp32 keeps an fp32 copy of every trained bf16/fp16 weight, in CPU memory with the
+        # blocks (the default keeps none). Adapters (peft) are small and live on the compute device.
+        masters = total * 4 if recipe.method.master_weights == "fp32" and recipe.peft is None and needed < total * 4 else 0
         # Rank 0 decides for all: ranks measuring while others load would disagree, and one refusing alone
         # would leave the rest waiting in a collective.
         launch.on_main_then_share(
-            lambda: check_cpu_memory(needed, _cpu_available(), processes=launch.local_world_size())
+            lambda: check_cpu_memory(needed, _cpu_available(), processes=launch.local_world_size(), masters_bytes=masters)
         )
     tokenizer = data = None
     if _uses_lora_ga(recipe):  # issue 5: LoRA-GA's init needs training batches before the model is wrapped

@@ -503,7 +503,7 @@ def round_blocks_to_storage_(model: nn.Module, storage_dtype: torch.dtype) -> li
     return names
 
 
-def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1) -> None:
+def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1, masters_bytes: int = 0) -> None:
     """Refuse to offload a model whose stored blocks do not fit in CPU memory.
 
     Args:
@@ -511,21 +511,29 @@ def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1
         available_bytes: the machine's available memory.
         processes: processes of the launch on this machine; each keeps its own copy (DistZO2 ranks do
             not share host memory).
+        masters_bytes: one process's fp32 masters (``method.master_weights: fp32`` on a bf16/fp16 model: they
+            stay in CPU memory with the blocks); 0 by default, where nothing beyond the weights is kept.
 
     Raises:
         ZoftError: one line with the memory needed and available.
     """
-    if needed_bytes * processes > available_bytes:
+    one = needed_bytes + masters_bytes
+    if one * processes > available_bytes:
         gib = 1024**3
+        split = f" ({needed_bytes / gib:.1f} GiB weights + {masters_bytes / gib:.1f} GiB fp32 masters)" if masters_bytes else ""
         if processes == 1:
-            need = f"the model needs about {needed_bytes / gib:.1f} GiB of CPU memory for its weights"
+            need = f"the model needs about {one / gib:.1f} GiB{split} of CPU memory"
             fixes = "use model.dtype: bfloat16, a machine with more memory, or a smaller model"
         else:
             need = (
                 f"the {processes} processes on this machine each keep the model in CPU memory: about "
-                f"{processes} x {needed_bytes / gib:.1f} = {needed_bytes * processes / gib:.1f} GiB"
+                f"{processes} x {one / gib:.1f}{split} = {one * processes / gib:.1f} GiB"
             )
             fixes = "use fewer processes per machine, model.dtype: bfloat16, a machine with more memory, or a smaller model"
+        if masters_bytes:
+            fixes = "use method.master_weights: auto (no fp32 copies), " + fixes.removeprefix("use ")
+        elif processes == 1:
+            need += " for its weights"
         raise ZoftError(f"offload: {need}, only {available_bytes / gib:.1f} GiB is available; {fixes}")
 
 

@@ -358,6 +358,7 @@ class ZOParameters:
             )
             return plus, minus
         z = self.z(name, step, direction)
+        self.weight_passes += 1  # the weight is read once for both copies
         if value.dtype in _HALF_DTYPES and value.dtype == p.dtype:
             plus, minus = _half_perturbed(value, z, (eps, -eps))
             return plus, minus
@@ -513,7 +514,7 @@ class ZOParameters:
             if wd_coef != 0.0:
                 acc.mul_(1.0 - wd_coef)
             if dense_flat is not None:
-                acc.add_(dense_flat[a:b], alpha=-dense[1])
+                acc.add_(dense_flat[a:b].float(), alpha=-dense[1])  # fp32 first: one vectorized add, as for z
             for i, (_, c) in enumerate(terms):
                 acc.add_(z_chunk(i, a, b), alpha=-c)
             return acc
