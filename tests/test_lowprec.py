@@ -24,18 +24,21 @@ def _all_values(dtype):
 
 
 def reference_stochastic_round(x, dtype, r):
-    """Textbook stochastic rounding by table look-up: the neighbours lo <= x <= hi among all values of dtype;
-    the one away from zero when (|x| - |toward|) / (hi - lo) >= 1 - r / 65536; nearest where the away
-    neighbour would overflow."""
+    """Textbook stochastic rounding by table look-up: the neighbours lo <= x <= hi among all values of dtype
+    (infinity past the largest finite one, one spacing further); the one away from zero when
+    (|x| - |toward|) / spacing >= 1 - r / 65536."""
     table, xd = _all_values(dtype), x.double()
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
     lo = table[(torch.searchsorted(table, xd, right=True) - 1).clamp_min(0)]
     hi = table[torch.searchsorted(table, xd, right=False).clamp_max(len(table) - 1)]
+    top_gap = table[-1] - table[-2]
+    lo = torch.where(xd > table[-1], table[-1], torch.where(xd < table[0], -inf, lo))
+    hi = torch.where(xd > table[-1], inf, torch.where(xd < table[0], table[0], hi))
+    gap = torch.where(torch.isinf(lo) | torch.isinf(hi), top_gap, hi - lo)
     toward = torch.where(xd >= 0, lo, hi)
     away = torch.where(xd >= 0, hi, lo)
-    frac = torch.where(hi > lo, (xd.abs() - toward.abs()) / (hi - lo).clamp_min(1e-300), torch.zeros_like(xd))
-    out = torch.where(frac >= 1 - r.double() / 65536, away, toward)
-    beyond = (xd > table[-1]) | (xd < table[0])  # the away neighbour is infinite: nearest
-    return torch.where(beyond, x.to(dtype).double(), out)
+    frac = torch.where(gap > 0, (xd.abs() - toward.abs()) / gap.clamp_min(1e-300), torch.zeros_like(xd))
+    return torch.where(frac >= 1 - r.double() / 65536, away, toward)
 
 
 def _values(seed=0):
@@ -64,13 +67,22 @@ def test_stochastic_rounding_equals_the_table_lookup_reference(dtype):
         assert torch.equal(got.view(torch.int16), _stochastic_generic(x, dtype, r).view(torch.int16))
 
 
-def test_non_finite_values_round_to_nearest():
-    x = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.4e38, -3.4e38])
+def test_infinities_and_nan_stay_and_past_the_largest_value_rounds_up_to_infinity_stochastically():
     for dtype in DTYPES:
-        for r in (torch.zeros(5, dtype=torch.int32), torch.full((5,), 65535, dtype=torch.int32)):
-            got = stochastic_round(x, dtype, r)
-            assert torch.equal(got.isnan(), x.to(dtype).isnan())
-            assert torch.equal(got[~got.isnan()], x.to(dtype)[~got.isnan()])
+        top = torch.finfo(dtype).max
+        spacing = top - torch.tensor(top, dtype=dtype).view(torch.int16).sub(1).view(dtype).item()
+        x = torch.tensor([float("inf"), float("-inf"), float("nan"), top + 0.25 * spacing, -(top + 0.75 * spacing)])
+        low, high = torch.zeros(5, dtype=torch.int32), torch.full((5,), 65535, dtype=torch.int32)
+        lo, hi = stochastic_round(x, dtype, low).float(), stochastic_round(x, dtype, high).float()
+        for got in (lo, hi):
+            assert got[:2].tolist() == [float("inf"), float("-inf")] and got[2].isnan()
+        assert lo[3:].tolist() == [top, -top]  # r = 0: toward zero unless frac = 1
+        assert hi[3:].tolist() == [float("inf"), float("-inf")]  # r = 65535: away unless frac < 2^-16
+        # In expectation: frac 0.25 and 0.75 of the bits go to infinity.
+        r = torch.arange(65536, dtype=torch.int32)
+        for value, frac in ((top + 0.25 * spacing, 0.25), (-(top + 0.75 * spacing), 0.75)):
+            out = stochastic_round(torch.full((65536,), value), dtype, r)
+            assert torch.isinf(out).double().mean().item() == frac
 
 
 def test_philox_bits_are_16_bit_halves_of_the_philox_words_and_addressable_by_offset():

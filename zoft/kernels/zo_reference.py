@@ -26,7 +26,6 @@ from ..errors import ZoftError
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
 _ROUND_DTYPES = (torch.bfloat16, torch.float16)
-_BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 # Philox4x32 round multipliers and Weyl key increments (Salmon et al. 2011), as in triton/language/random.py.
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
@@ -231,20 +230,23 @@ def _stochastic_generic(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) ->
     toward = toward_bits.view(dtype)
     away = _step_magnitude(toward_bits, 1).to(torch.int16).view(dtype)
     t, a = toward.float().abs(), away.float().abs()
-    # |x| - |t| is exact (Sterbenz, or t = 0) and |a| - |t| is a power of two, so frac is exact.
-    frac = (ax - t) / (a - t)
+    # Past the largest finite value the next one is infinity, taken as one spacing further (IEEE overflow):
+    # the spacing is then the one below t, which is t's binade's.
+    below = _step_magnitude(toward_bits, -1).to(torch.int16).view(dtype).float().abs()
+    spacing = torch.where(torch.isinf(a), t - below, a - t)
+    # |x| - |t| is exact (Sterbenz, or t = 0) and the spacing is a power of two, so frac is exact.
+    frac = (ax - t) / spacing
     u_complement = 1.0 - r.to(torch.float32) * (1.0 / 65536)  # exact: 16-bit grid
     rounded = torch.where(frac >= u_complement, away, toward)
-    keep = ~torch.isfinite(x) | ~torch.isfinite(away)
-    return torch.where(keep, near, rounded)
+    return torch.where(torch.isfinite(x), rounded, near)
 
 
 def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
     """``x`` (fp32) rounded stochastically to ``dtype`` with bits ``r``; a tensor of ``dtype``.
 
-    The rule (``zoft.zo.lowprec``): ``t`` is ``x`` rounded toward zero, ``a`` its neighbour away from zero,
-    ``frac = (|x| - |t|) / (|a| - |t|)``; ``a`` when ``frac >= 1 - r / 65536``, else ``t``; round to nearest
-    for representable, non-finite or overflowing values.
+    The rule (``zoft.zo.lowprec``): ``t`` is ``x`` rounded toward zero, ``a`` its neighbour away from zero
+    (infinity past the largest finite value, one spacing further), ``frac = (|x| - |t|) / (|a| - |t|)``;
+    ``a`` when ``frac >= 1 - r / 65536``, else ``t``; infinities and NaN stay as they are.
 
     Args:
         x: fp32 values (left unchanged).
@@ -254,17 +256,11 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> to
     if dtype != torch.bfloat16:
         return _stochastic_generic(x, dtype, r.view(x.shape))
     # bf16 is the upper half of fp32: adding r to the low half carries into the upper half exactly when
-    # frac >= 1 - r / 65536. Arithmetic shift of the int32 view keeps the sign bits of negative values.
+    # frac >= 1 - r / 65536, also from the largest finite value into infinity, and leaves infinities and the
+    # NaNs arithmetic produces (0x7FC00000, 0xFFC00000) as they are. Arithmetic shift of the int32 view keeps
+    # the sign bits of negative values. (A NaN whose payload fills the high mantissa bits could wrap to +-0.)
     bits = x.view(torch.int32) + r.view(x.shape)
-    out = bits.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
-    # Values beyond the largest finite bf16 (their away neighbour is inf) and inf/NaN take round to nearest.
-    # Only they can give an all-ones exponent or the largest magnitude (0x7F7F) here, so that cheap test on
-    # the output finds the few candidates (a NaN whose payload fills the high mantissa bits could wrap to
-    # +-0; the NaNs torch computes, 0x7FC00000 and 0xFFC00000, do not).
-    if bool(((out.view(torch.int16) & 0x7FFF) >= 0x7F7F).any()):
-        beyond = ~(x.abs() <= _BF16_MAX)  # NaN too
-        out = torch.where(beyond, x.to(torch.bfloat16), out)
-    return out
+    return bits.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
 
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

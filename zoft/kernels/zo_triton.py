@@ -108,29 +108,28 @@ def _round_bits(rseed, c, j):
 
 @triton.jit
 def _stochastic_bf16(x, r):
-    """``zo_reference.stochastic_round`` to bf16: add r to the fp32 bits, drop the low 16 (as fp32 values)."""
+    """``zo_reference.stochastic_round`` to bf16 (as fp32 values): add r to the fp32 bits, drop the low 16.
+    Carries into infinity past the largest finite value; leaves infinities and computed NaNs as they are."""
     t = ((x.to(tl.uint32, bitcast=True) + r) >> 16) << 16  # literals above 2**31 would widen to int64
-    # Values beyond the largest finite bf16 (0x7F7F0000) and inf/NaN take round to nearest, as in torch.
-    bad = ((t & 0x7F800000) == 0x7F800000) | ((x.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) > 0x7F7F0000)
-    return tl.where(bad, _bf16_nearest_f32(x), t.to(tl.float32, bitcast=True))
+    return t.to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def _stochastic_fp16(x, r):
-    """``zo_reference.stochastic_round`` to fp16 (as fp32 values): 13 dropped bits for fp16 normals, multiples
-    of 2^-24 below 2^-14; round to nearest for non-finite x and beyond fp16's largest value."""
+    """``zo_reference.stochastic_round`` to fp16 (as fp32 values): 13 dropped bits for fp16 normals (65536 and
+    beyond become infinity), multiples of 2^-24 below 2^-14; infinities and NaN stay."""
     u = x.to(tl.uint32, bitcast=True)
     mag = u & 0x7FFFFFFF
     sign = (u >> 31) << 31
     normal = (((mag + (r >> 3)) & 0x7FFFE000) | sign).to(tl.float32, bitcast=True)
+    normal = tl.where(tl.abs(normal) >= 65536.0, normal * float("inf"), normal)
     scaled = tl.abs(x) * 16777216.0
     q = tl.floor(scaled)
     up = (scaled - q) >= 1.0 - r.to(tl.float32) * (1.0 / 65536.0)
     sub = (q + tl.where(up, 1.0, 0.0)) * (1.0 / 16777216.0)
     sub = tl.where(sign != 0, -sub, sub)
     val = tl.where(mag < 0x38800000, sub, normal)
-    bad = (mag >= 0x7F800000) | (tl.abs(x) > 65504.0)  # the away neighbour of 65504 is inf: nearest
-    return tl.where(bad, x.to(tl.float16).to(tl.float32), val)
+    return tl.where(mag >= 0x7F800000, x, val)
 
 
 @triton.jit(do_not_specialize=_SEED_ARGS)

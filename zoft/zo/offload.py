@@ -531,7 +531,8 @@ def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1
             )
             fixes = "use fewer processes per machine, model.dtype: bfloat16, a machine with more memory, or a smaller model"
         if masters_bytes:
-            fixes = "use method.master_weights: auto (no fp32 copies), " + fixes.removeprefix("use ")
+            fixes = "use method.master_weights: auto (no fp32 copies), " + fixes.removeprefix("use ").replace(
+                "model.dtype: bfloat16, ", "")
         elif processes == 1:
             need += " for its weights"
         raise ZoftError(f"offload: {need}, only {available_bytes / gib:.1f} GiB is available; {fixes}")

@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from zoft.errors import ZoftError
 from zoft.kernels.zo_ops import zo_ops
-from zoft.zo.lowprec import CHUNK, RoundingBits, rounded_write_, rounding_seed
+from zoft.zo.lowprec import CHUNK, RoundingBits, one_cpu_thread, rounded_write_, rounding_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 Z_GENERATORS = ("torch", "philox")
@@ -102,12 +103,47 @@ def _half_perturbed(value: torch.Tensor, z: torch.Tensor, scales: tuple[float, .
     n = flat_v.numel()
     v32 = torch.empty(min(n, CHUNK), dtype=torch.float32, device=value.device)
     tmp = torch.empty_like(v32)
-    for a in range(0, n, CHUNK):
-        b = min(n, a + CHUNK)
-        v = v32[: b - a].copy_(flat_v[a:b])
-        for out, s in zip(flat_outs, scales):
-            out[a:b] = torch.mul(flat_z[a:b], s, out=tmp[: b - a]).add_(v)
+    with one_cpu_thread(value.device):
+        for a in range(0, n, CHUNK):
+            b = min(n, a + CHUNK)
+            v = v32[: b - a].copy_(flat_v[a:b])
+            for out, s in zip(flat_outs, scales):
+                out[a:b] = torch.mul(flat_z[a:b], s, out=tmp[: b - a]).add_(v)
     return outs
+
+
+class _ZPrefetch:
+    """Draws the torch z of the coming ``(name, direction)`` pairs of one update on a worker thread, one ahead.
+
+    At most one z beyond the one in use is alive (the update's temporaries at most double). :meth:`take`
+    returns ``None`` for anything it was not asked to draw; the caller then draws it itself.
+    """
+
+    def __init__(self, zo: ZOParameters, step: int, order: list[tuple[str, int]]) -> None:
+        self.zo, self.step, self.order, self.next = zo, step, order, 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z")
+        self.pending: dict[tuple[str, int], Future] = {}
+        self._submit()
+
+    def _submit(self) -> None:
+        if self.next < len(self.order):
+            name, k = self.order[self.next]
+            self.next += 1
+            p = self.zo.params[name]
+            seed = self.zo.seed(self.step, k, name)
+            self.pending[(name, k)] = self.pool.submit(
+                sample_z, p.shape, seed, device=p.device, distribution=self.zo.distribution
+            )
+
+    def take(self, step: int, name: str, direction: int) -> torch.Tensor | None:
+        future = self.pending.pop((name, direction), None) if step == self.step else None
+        if future is None:
+            return None
+        self._submit()
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class ZOParameters:
@@ -215,6 +251,7 @@ class ZOParameters:
         self.weight_passes = 0
         self.pending_update: Callable[[str], tuple[int, list[tuple[int, float]], float, float] | None] | None = None
         self._perturbing = 0
+        self._prefetch: _ZPrefetch | None = None
 
     def adopt_z_generator(self, recorded: str) -> None:
         """Continue a run with the z generator it was started with (on resume from a checkpoint).
@@ -243,6 +280,10 @@ class ZOParameters:
         """z of a parameter for (step, direction), materialized in fp32 on the parameter's device."""
         p = self.params[name]
         self.z_generations += 1
+        if self._prefetch is not None:
+            ready = self._prefetch.take(step, name, direction)
+            if ready is not None:
+                return ready
         seed = self.seed(step, direction, name)
         if self.z_generator == "torch":
             return sample_z(p.shape, seed, device=p.device, distribution=self.distribution)
@@ -445,26 +486,47 @@ class ZOParameters:
         the update computed in fp32 and rounded to its dtype once (stochastically: seeded by
         :meth:`round_seed`); an fp32 parameter is updated in place in fp32.
         """
-        for name in names if names is not None else self.params:
-            p = self.params[name]
-            target = self.masters.get(name, p.data)
-            if self.z_generator == "philox":
-                if self._philox_update(name, target, step, coefficients, lr, weight_decay):
-                    self._sync_master(name)
-                continue
-            if name in self.rounding:
-                self.rounded_update(name, step, coefficients, lr, weight_decay)
-                continue
-            wd = 0.0 if _is_no_decay(name, p) else weight_decay
-            if lr * wd != 0.0:
-                target.mul_(1.0 - lr * wd)
-                self.weight_passes += 1
-            for direction, coef in coefficients:
-                if lr * coef != 0.0:
-                    target.add_(self.z(name, step, direction), alpha=-lr * coef)
-                    self.weight_passes += 1
-            self._sync_master(name)
+        names = list(names if names is not None else self.params)
+        with self._prefetching(step, [(n, k) for n in names for k, c in coefficients if lr * c != 0.0]):
+            for name in names:
+                self._update_one(name, step, coefficients, lr, weight_decay)
         self._constrain()
+
+    @contextlib.contextmanager
+    def _prefetching(self, step: int, order: list[tuple[str, int]]) -> Iterator[None]:
+        # torch.randn on CPU runs on one core: a worker thread draws the next tensor's z while this thread
+        # applies the current one (the fp32 arithmetic and, for bf16/fp16, the rounding), so the update costs
+        # about its z draws alone. The numbers do not change: each z has its own generator.
+        use = self.z_generator == "torch" and self.device.type == "cpu" and len(order) > 1 and torch.get_num_threads() > 1
+        if not use or self._prefetch is not None:
+            yield
+            return
+        self._prefetch = _ZPrefetch(self, step, order)
+        try:
+            yield
+        finally:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _update_one(self, name: str, step: int, coefficients: list[tuple[int, float]], lr: float, weight_decay: float):
+        p = self.params[name]
+        target = self.masters.get(name, p.data)
+        if self.z_generator == "philox":
+            if self._philox_update(name, target, step, coefficients, lr, weight_decay):
+                self._sync_master(name)
+            return
+        if name in self.rounding:
+            self.rounded_update(name, step, coefficients, lr, weight_decay)
+            return
+        wd = 0.0 if _is_no_decay(name, p) else weight_decay
+        if lr * wd != 0.0:
+            target.mul_(1.0 - lr * wd)
+            self.weight_passes += 1
+        for direction, coef in coefficients:
+            if lr * coef != 0.0:
+                target.add_(self.z(name, step, direction), alpha=-lr * coef)
+                self.weight_passes += 1
+        self._sync_master(name)
 
     @torch.no_grad()
     def rounded_update(
