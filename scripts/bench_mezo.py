@@ -2,9 +2,13 @@
 
     python scripts/bench_mezo.py                       # SmolLM2-135M, batch 8 x 128, fp32
     python scripts/bench_mezo.py --steps 3 --modes inference,mezo-lora
+    python scripts/bench_mezo.py --dtype bfloat16 --modes inference,mezo-full,mezo-full-fp32-masters,mezo-lora
 
 Rows: forward-only inference; zoft MeZO on all weights (Gaussian and Rademacher z) and on LoRA
-adapters; HF Trainer AdamW full fine-tune; peft LoRA + AdamW. Each mode runs in its own subprocess
+adapters; HF Trainer AdamW full fine-tune; peft LoRA + AdamW. In bf16/fp16 the MeZO rows use
+``method.master_weights: auto`` (fp32 update math, seeded stochastic rounding, no copy) unless the mode
+names another policy: ``mezo-full-fp32-masters`` (an fp32 copy of every weight, zoft's default before) or
+``mezo-full-nearest`` (``none``: round to nearest). Each mode runs in its own subprocess
 on one fixed batch of real text (Rotten Tomatoes reviews), through the same ZoftTrainer /
 Trainer step a recipe runs. Peak memory: on CPU the process's peak RSS after the model is loaded
 (the kernel's high-water mark is reset after loading); on CUDA torch.cuda.max_memory_allocated.
@@ -23,6 +27,7 @@ import sys
 import time
 
 MODES = ["inference", "mezo-full", "mezo-full-rademacher", "mezo-lora", "adamw-full", "lora-adamw"]
+EXTRA_MODES = ["mezo-full-fp32-masters", "mezo-full-nearest"]  # master-weights policies, for half precision
 
 
 def _peak_reset(device: str) -> None:
@@ -96,7 +101,9 @@ def worker(args) -> dict:
 
     zo = None
     if mode.startswith("mezo"):
-        zo = MeZOConfig(eps=1e-3, distribution="rademacher" if "rademacher" in mode else "gaussian")
+        master = "fp32" if mode.endswith("fp32-masters") else "none" if mode.endswith("nearest") else "auto"
+        zo = MeZOConfig(eps=1e-3, distribution="rademacher" if "rademacher" in mode else "gaussian",
+                        master_weights=master)
     targs = TrainingArguments(
         output_dir="/tmp/zoft-bench", learning_rate=1e-6 if zo else 1e-5, report_to="none",
         max_grad_norm=0.0 if zo else 1.0, use_cpu=device == "cpu", disable_tqdm=True,
@@ -118,11 +125,16 @@ def worker(args) -> dict:
     model.train()
     _peak_reset(device)
     gens0 = trainer.zo_params.z_generations if zo else 0
+    passes0 = trainer.zo_params.weight_passes if zo else 0
     times = [_timed(step) for _ in range(args.steps)]
     result.update(step_s=min(times), forward_s=forward_s, peak_mb=_peak_mb(device))
     if zo:
-        n_params = len(trainer.zo_params.params)
-        result["z_per_param_per_step"] = (trainer.zo_params.z_generations - gens0) / (args.steps * n_params)
+        zp = trainer.zo_params
+        n_params = len(zp.params)
+        result["z_per_param_per_step"] = (zp.z_generations - gens0) / (args.steps * n_params)
+        result["passes_per_param_per_step"] = (zp.weight_passes - passes0) / (args.steps * n_params)
+        result["master_mb"] = sum(t.nbytes for t in zp.masters.values()) / 2**20
+        result["rounded"] = sorted({mode for _, mode in zp.rounding.values()}) or ["-"]
     return result
 
 
@@ -141,7 +153,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode (the minimum is reported)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu"])
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=",".join(MODES), help=f"any of {MODES + EXTRA_MODES}")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -166,12 +178,15 @@ def main() -> None:
     print(f"\nCommand: python scripts/bench_mezo.py {' '.join(sys.argv[1:])}")
     print(f"Device: {platform.machine()} {platform.processor() or ''}, {args.threads} threads; model {args.model} "
           f"{args.dtype}, batch {args.batch} x {args.seq} tokens, min of {args.steps} steps\n")
-    print(f"| mode | {unit} | x inference | step s | step / forward | z samples per param per step |")
-    print("|---|---|---|---|---|---|")
+    print(f"| mode | {unit} | x inference | step s | step / forward | z samples per param per step | "
+          "weight passes per param per step | fp32 masters MiB | rounding |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         z = f"{r['z_per_param_per_step']:.0f}" if "z_per_param_per_step" in r else "-"
+        passes = f"{r['passes_per_param_per_step']:.0f}" if "passes_per_param_per_step" in r else "-"
+        masters = f"{r['master_mb']:.0f}" if "master_mb" in r else "-"
         print(f"| {r['mode']} | {r['peak_mb']:.0f} | {r['peak_mb'] / base['peak_mb']:.2f} | {r['step_s']:.2f} | "
-              f"{r['step_s'] / r['forward_s']:.2f} | {z} |")
+              f"{r['step_s'] / r['forward_s']:.2f} | {z} | {passes} | {masters} | {'/'.join(r.get('rounded', ['-']))} |")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,17 @@ it measures the code path's overhead only; the upload/compute overlap and the GP
 "paired" rows run the +eps and -eps forwards as one forward of the doubled batch (zoft/zo/paired.py,
 the default with offload): each block is uploaded once per step instead of twice. z comes from the
 generator a recipe gets (``method.z_generator: auto``: Philox through the fused kernels on CUDA, torch
-on CPU). DistZO2 rows: PertP and DP on 2 ranks, 2D (2 x 2) on 4, and PertP with ZO2 offload and sliced
-uploads on 2; on CUDA a row needing more GPUs than are visible is skipped and says so.
+on CPU) unless --z-generator says otherwise. "bf16 model" rows load the model in bf16 and stream it as
+stored: no fp32 copies (``method.master_weights: auto``), the update computed in fp32 on the resident
+block and rounded back stochastically. DistZO2 rows: PertP and DP on 2 ranks, 2D (2 x 2) on 4, and PertP
+with ZO2 offload and sliced uploads on 2; on CUDA a row needing more GPUs than are visible is skipped.
 
-    PYTHONPATH=$PWD python scripts/bench_zo2.py [--steps 3] [--batch 8] [--seq 64]
+Counted exactly (not timed): block uploads and MiB uploaded per step, passes over each trained tensor
+per step by the perturb/update ops (``ZOParameters.weight_passes``: one read and one write of the weight,
+e.g. the fused update + perturbation is one), z samplings per tensor per step, and the share of deferred
+updates that reached a perturbation's swap-in (fused with philox z).
+
+    PYTHONPATH=$PWD python scripts/bench_zo2.py [--steps 3] [--batch 8] [--seq 64] [--z-generator philox]
 """
 
 from __future__ import annotations
@@ -64,14 +71,17 @@ def worker(args) -> None:
             torch.cuda.set_device(dist.get_rank())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     model = AutoModelForCausalLM.from_pretrained(assets.model_asset_path("smollm2-135m")).eval()
+    if "bf16model" in args.config:
+        model.to(torch.bfloat16)
     offloader = None
     offload, paired = "offload" in args.config, "paired" in args.config
     if offload:
-        storage = torch.bfloat16 if "bf16" in args.config else None  # offload.storage_dtype (ZO2's AMP mode)
+        # offload.storage_dtype (ZO2's AMP mode): fp32 compute, bf16 storage
+        storage = torch.bfloat16 if "bf16storage" in args.config else None
         offloader = BlockOffloader(model, device, "cpu", storage_dtype=storage, sliced=distributed)
     else:
         model.to(device)
-    zo = ZOParameters(model, run_seed=0, z_generator="auto", compute_device=device)
+    zo = ZOParameters(model, run_seed=0, z_generator=args.z_generator, compute_device=device)
     if offloader is not None:
         opt = DeferredMeZOOptimizer(zo, lr=1e-7, offloader=offloader)
     else:
@@ -104,6 +114,8 @@ def worker(args) -> None:
             start = time.perf_counter()
             uploads_before = offloader.uploads if offloader is not None else 0
             bytes_before = offloader.uploaded_bytes if offloader is not None else 0
+            passes_before, z_before = zo.weight_passes, zo.z_generations
+            fused_before = getattr(opt, "applied_in_forward", 0)
         if paired:
             estimates = paired_spsa(zo, pair_losses, ids.shape[0], step=step, eps=1e-3, seq_len=ids.shape[1])
         else:
@@ -113,6 +125,10 @@ def worker(args) -> None:
         opt.step()
     uploads = offloader.uploads - uploads_before if offloader is not None else 0  # before the final flush's
     sent = offloader.uploaded_bytes - bytes_before if offloader is not None else 0
+    n_tensors = len(zo.params)
+    passes = (zo.weight_passes - passes_before) / (args.steps * n_tensors)
+    zs = (zo.z_generations - z_before) / (args.steps * n_tensors)
+    fused = (getattr(opt, "applied_in_forward", 0) - fused_before) / (args.steps * n_tensors)
     opt.flush()
     if cuda:
         torch.cuda.synchronize()
@@ -120,7 +136,8 @@ def worker(args) -> None:
     peak = torch.cuda.max_memory_allocated() if cuda else _hwm()
     rank = dist.get_rank() if distributed else 0
     result = {"rank": rank, "seconds": elapsed, "peak": peak, "tokens_per_s": args.steps * args.batch * args.seq / elapsed,
-              "z_generator": zo.z_generator}
+              "z_generator": zo.z_generator, "passes": passes, "z": zs, "in_forward": fused,
+              "master_mib": sum(t.nbytes for t in zo.masters.values()) / 2**20}
     if offloader is not None:
         result["uploads_per_step"] = uploads / args.steps
         result["upload_mib_per_step"] = sent / args.steps / 2**20
@@ -137,7 +154,7 @@ def run_config(name, args, nproc=1, pp=1):
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         return f"skipped: needs {nproc} GPUs, {torch.cuda.device_count()} visible"
     out = f"/tmp/bench_zo2_{os.getpid()}_{name.replace(' ', '_')}"
-    base = [__file__, "--worker", "--config", name, "--pp", str(pp),
+    base = [__file__, "--worker", "--config", name, "--pp", str(pp), "--z-generator", args.z_generator,
             "--out", out, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -160,6 +177,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--skip-ranks", action="store_true", help="only in-memory vs offload")
+    p.add_argument("--z-generator", default="auto", choices=["auto", "torch", "philox"],
+                   help="philox on CPU runs the plain-torch Philox reference (slow) to count the fused passes")
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -167,12 +186,16 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"command: {' '.join(sys.argv)}\ndevice: {device}; torch {torch.__version__}; "
-          f"SmolLM2-135M fp32, global batch {args.batch} x {args.seq} tokens, {args.steps} timed MeZO steps\n")
+          f"SmolLM2-135M (fp32 unless the row says bf16), global batch {args.batch} x {args.seq} tokens, {args.steps} timed "
+          "MeZO steps\n")
     rows = [("MeZO in memory", run_config("plain", args))]
     rows.append(("MeZO in memory, paired forward", run_config("plain-paired", args)))
     rows.append(("ZO2 offload, two forwards", run_config("offload", args)))
     rows.append(("ZO2 offload, paired forward (default)", run_config("offload-paired", args)))
-    rows.append(("ZO2 offload, paired, bf16 block storage", run_config("offload-paired-bf16", args)))
+    rows.append(("ZO2 offload, paired, bf16 block storage", run_config("offload-paired-bf16storage", args)))
+    rows.append(("MeZO in memory, bf16 model", run_config("plain-bf16model", args)))
+    rows.append(("ZO2 offload, two forwards, bf16 model", run_config("offload-bf16model", args)))
+    rows.append(("ZO2 offload, paired, bf16 model", run_config("offload-paired-bf16model", args)))
     if not args.skip_ranks:
         rows.append(("DistZO2 PertP, 2 ranks", run_config("pertp", args, nproc=2, pp=2)))
         rows.append(("DistZO2 DP, 2 ranks", run_config("dp", args, nproc=2, pp=1)))
@@ -180,19 +203,22 @@ def main() -> None:
         rows.append(("DistZO2 PertP + ZO2 offload, sliced uploads, 2 ranks",
                      run_config("pertp-offload", args, nproc=2, pp=2)))
     base = rows[0][1][0]
-    print(f"z generator: {base['z_generator']} (method.z_generator: auto)\n")
+    print(f"z generator: {base['z_generator']} (method.z_generator: {args.z_generator})\n")
     mem = "GPU peak allocated" if cuda else "peak RSS per rank"
-    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory | block uploads / step | MiB uploaded / step |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| setting | tokens/s | x in-memory | {mem} (MiB) | x in-memory | block uploads / step | MiB uploaded / step | "
+          "weight passes / tensor / step | z / tensor / step | updates taken by a perturbation | fp32 masters MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, results in rows:
         if isinstance(results, str):
-            print(f"| {name} | {results} | | | | | |")
+            print(f"| {name} | {results} | | | | | | | | | |")
             continue
-        tps = results[0]["tokens_per_s"]
+        r0 = results[0]
+        tps = r0["tokens_per_s"]
         peak = max(r["peak"] for r in results)
-        uploads, mib = results[0].get("uploads_per_step"), results[0].get("upload_mib_per_step")
+        uploads, mib = r0.get("uploads_per_step"), r0.get("upload_mib_per_step")
         print(f"| {name} | {tps:.0f} | {tps / base['tokens_per_s']:.2f} | {peak / 2**20:.0f} | {peak / base['peak']:.2f} | "
-              f"{'-' if uploads is None else f'{uploads:.0f}'} | {'-' if mib is None else f'{mib:.0f}'} |")
+              f"{'-' if uploads is None else f'{uploads:.0f}'} | {'-' if mib is None else f'{mib:.0f}'} | "
+              f"{r0['passes']:.2f} | {r0['z']:.2f} | {r0['in_forward']:.2f} | {r0['master_mib']:.0f} |")
     if not cuda:
         print("\nCPU only: offload copies blocks CPU->CPU, so its row is the code path's overhead; the "
               "upload/compute overlap and the GPU memory saving cannot be measured here. The rank rows "

@@ -64,6 +64,39 @@ def test_addax_step_is_the_mixed_update_and_never_holds_a_full_gradient():
         torch.testing.assert_close(dict(model.named_parameters())[name].detach(), expected, rtol=1e-6, atol=1e-7)
 
 
+def test_bf16_addax_step_rounds_the_fp32_mixed_update_once_with_the_seeded_bits():
+    from zoft.zo.lowprec import RoundingBits, rounding_seed, stochastic_round
+
+    model, ref = _mlp().to(torch.bfloat16), _mlp().to(torch.bfloat16)
+    x_long, x_short, y_long, y_short = (torch.randn(5, 6), torch.randn(4, 6), torch.randn(5, 3), torch.randn(4, 3))
+    x_long, x_short = x_long.bfloat16(), x_short.bfloat16()
+    zo = ZOParameters(model, run_seed=3)
+    assert zo.masters == {}  # bf16 without fp32 copies (master_weights auto)
+    lr, alpha, eps, step, wd = 1e-3, 0.3, 1e-3, 7, 0.1
+
+    def zo_loss():
+        return nn.functional.mse_loss(model(x_long).float(), y_long)
+
+    def fo_backward():
+        loss = nn.functional.mse_loss(model(x_short).float(), y_short)
+        loss.backward()
+        return loss
+
+    result = addax_step(zo, step=step, lr=lr, alpha=alpha, eps=eps, zo_loss=zo_loss, fo_backward=fo_backward,
+                        weight_decay=wd)
+    c = result.coefficients[0][1]
+    grads = torch.autograd.grad(nn.functional.mse_loss(ref(x_short).float(), y_short), list(ref.parameters()))
+    for (name, p), g1 in zip(ref.named_parameters(), grads):
+        # The documented rule: fp32 (decay, first-order term, z term, in that order), rounded once.
+        d = 0.0 if name.endswith("bias") else wd
+        x = p.detach().float().reshape(-1) * (1 - lr * d)
+        x = torch.add(x, g1.reshape(-1).float(), alpha=-lr * (1 - alpha))
+        x = torch.add(x, zo.z(name, step, 0).view(-1), alpha=-lr * c)
+        bits = RoundingBits(rounding_seed(3, step, name), "cpu", "torch").take(x.numel())
+        expected = stochastic_round(x, torch.bfloat16, bits).view(p.shape)
+        assert torch.equal(dict(model.named_parameters())[name].detach(), expected), name
+
+
 def test_split_and_one_sided_threshold_message():
     lengths = [5, 9, 12, 30, 31]
     assert split_by_length(lengths, 12) == ([3, 4], [0, 1, 2])

@@ -47,11 +47,13 @@ def test_gradient_accumulation_of_k_microbatches_with_one_seed_equals_one_big_ba
         assert ra["coefficients"][0][1] == pytest.approx(rb["coefficients"][0][1], rel=2e-3, abs=1e-5)  # padding widths differ
 
 
-@pytest.mark.parametrize("peft", [None, {"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}])
+@pytest.mark.parametrize("peft,dtype", [(None, "float32"), ({"method": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]},
+                                                            "float32"), (None, "bfloat16")])
 def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run_and_replay_rebuilds_them(
-    tiny_llama_dir, sentiment_csv, tmp_path, peft
+    tiny_llama_dir, sentiment_csv, tmp_path, peft, dtype
 ):
-    settings = {"train": {"max_steps": 6, "save_steps": 2}, "peft": peft}
+    # bf16: no fp32 copies, each update rounded stochastically with seeded bits; resume and replay stay exact.
+    settings = {"train": {"max_steps": 6, "save_steps": 2}, "peft": peft, "model": {"dtype": dtype}}
     straight = validate_recipe(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / "straight", **settings))
     run.train(straight)
 
@@ -66,6 +68,13 @@ def test_resumed_run_ends_with_exactly_the_weights_of_an_uninterrupted_run_and_r
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    header, _ = read_trajectory(tmp_path / "straight" / "trajectory.jsonl")
+    if dtype == "bfloat16":
+        assert header["master_weights"] == [] and a["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+        assert {tuple(v) for v in header["rounding"].values()} == {("bfloat16", "stochastic")}
+        base = _weights(tiny_llama_dir)
+        changed = sum((a[k] != base[k].to(torch.bfloat16)).sum().item() for k in a)
+        assert changed > 0.5 * sum(t.numel() for t in a.values())  # the bf16 weights did train
     # The trajectory of the resumed run has each step once, as the straight run's.
     _, recs_a = read_trajectory(tmp_path / "straight" / "trajectory.jsonl")
     _, recs_b = read_trajectory(tmp_path / "killed" / "trajectory.jsonl")

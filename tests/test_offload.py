@@ -295,3 +295,37 @@ def test_zoft_train_with_offload_refuses_too_little_cpu_memory_for_its_processes
     assert err[-1].endswith("use fewer processes per machine, model.dtype: bfloat16, a machine with more memory, "
                             "or a smaller model")
     assert not loaded  # refused before any weights were read
+
+
+def test_offload_memory_check_counts_fp32_masters_only_when_asked_for(
+    tiny_llama_dir, sentiment_csv, tmp_path, monkeypatch, capsys
+):
+    import yaml
+    from conftest import tiny_recipe
+
+    from zoft import launch, plan
+    from zoft.cli import main
+    from zoft.config import load_recipe
+
+    monkeypatch.setattr(launch, "local_world_size", lambda environ=None: 1)
+    loaded = []
+
+    def stub(*a, **k):
+        loaded.append(1)
+        raise ZoftError("stub: the model would load here")
+
+    monkeypatch.setattr("zoft.run.build_model_and_tokenizer", stub)
+    for master, refused in (("auto", False), ("fp32", True)):
+        path = tmp_path / f"{master}.yaml"
+        path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / master, offload="cpu",
+                                                   model={"dtype": "bfloat16"}, method={"master_weights": master})))
+        bf16_copy = plan.shape_of_recipe(load_recipe(str(path))).total_params * 2
+        monkeypatch.setattr(plan, "_cpu_available", lambda: int(1.5 * bf16_copy))  # the bf16 model fits, +fp32 not
+        assert main(["train", str(path)]) != 0
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        if refused:
+            assert err.startswith("zoft: error: offload: the model needs about ")
+            assert " GiB fp32 masters) of CPU memory, only " in err
+            assert err.endswith("use method.master_weights: auto (no fp32 copies), a machine with more memory, "
+                                "or a smaller model")
+    assert len(loaded) == 1  # auto went on to load the model (stubbed to fail); fp32 was refused before

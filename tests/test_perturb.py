@@ -6,6 +6,7 @@ from torch import nn
 
 from zoft.zo.estimate import spsa
 from zoft.zo.mezo import MeZOOptimizer
+from zoft.zo.lowprec import RoundingBits, rounding_seed, stochastic_round
 from zoft.zo.perturb import ZOParameters, derive_seed, sample_z
 
 
@@ -157,28 +158,78 @@ def test_update_is_theta_minus_lr_times_g_z_plus_decay_with_no_decay_for_bias_an
         assert torch.allclose(p, expected, atol=1e-7), n
 
 
-def test_bf16_parameters_keep_an_fp32_master_so_tiny_updates_accumulate():
+def _expected_rounded_update(zo, name, w0, step, g, lr, wd):
+    """The documented rule, by hand: the fp32 update (the path's own arithmetic) rounded with the seeded bits."""
+    decay = 0.0 if (name.endswith("bias") or "norm" in name) else wd
+    z = zo.z(name, step, 0).view(-1)
+    x = w0.float().view(-1) * (1 - lr * decay)
+    if zo.z_generator == "torch":
+        x = torch.add(x, z, alpha=-lr * g)  # as the chunked update: acc.add_(z, alpha=-lr c)
+    else:
+        x = x - z * torch.tensor(lr * g, dtype=torch.float32)  # as the fused kernel and its reference
+    bits = RoundingBits(rounding_seed(zo.run_seed, step, name), "cpu", zo.z_generator).take(x.numel())
+    return stochastic_round(x, torch.bfloat16, bits).view(w0.shape)
+
+
+@pytest.mark.parametrize("z_generator", ["torch", "philox"])
+def test_bf16_default_keeps_no_copy_and_rounds_the_fp32_update_with_the_seeded_bits(z_generator):
     model = TwoLayer().to(torch.bfloat16)
-    zo = ZOParameters(model, run_seed=0)  # master_weights="auto"
-    assert set(zo.masters) == {n for n, _ in model.named_parameters()}
-    start = {n: zo.masters[n].clone() for n in zo.masters}
-    for step in range(20):
-        zo.apply_update(step, [(0, 1.0)], lr=1e-6)
+    zo = ZOParameters(model, run_seed=5, z_generator=z_generator)  # master_weights="auto"
+    assert zo.masters == {}  # nothing per trained parameter beyond the weights
+    assert zo.rounding == {n: (torch.bfloat16, "stochastic") for n, _ in model.named_parameters()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zo.apply_update(step=3, coefficients=[(0, 0.7)], lr=1e-2, weight_decay=0.1)
     for n, p in model.named_parameters():
-        expected = start[n] - 1e-6 * sum(zo.z(n, s, 0) for s in range(20))
-        assert torch.allclose(zo.masters[n], expected, atol=1e-7)
-        assert torch.equal(p, zo.masters[n].to(torch.bfloat16))
-    # Without a master the same updates vanish below bf16 resolution:
-    plain = TwoLayer().to(torch.bfloat16)
-    ref = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    zo_plain = ZOParameters(plain, run_seed=0, master_weights="none")
-    for step in range(20):
-        zo_plain.apply_update(step, [(0, 1.0)], lr=1e-6)
-    changed = sum((p != ref[n]).sum().item() for n, p in plain.named_parameters())
-    total = sum(p.numel() for p in plain.parameters())
-    assert changed / total < 0.05  # almost every update was lost to bf16 rounding
-    master_changed = sum((zo.masters[n] != start[n]).sum().item() for n in zo.masters)
-    assert master_changed / total > 0.95
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, _expected_rounded_update(zo, n, before[n], 3, 0.7, 1e-2, 0.1)), n
+    # The opt-in fp32 masters: an fp32 copy of each bf16 parameter, none of fp32 ones.
+    assert set(ZOParameters(TwoLayer().to(torch.bfloat16), run_seed=5, master_weights="fp32").masters) == set(before)
+    assert ZOParameters(TwoLayer(), run_seed=5, master_weights="fp32").masters == {}
+    with pytest.raises(ValueError, match="unknown master_weights 'fp16'"):
+        ZOParameters(TwoLayer(), run_seed=5, master_weights="fp16")
+
+
+class Wide(nn.Module):
+    """32,768 bf16 weights of magnitude 0.01-0.02 (spacing 6.1e-5: an update of 1e-6 is 1/61 of it)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        sign = torch.randint(0, 2, (128, 256), generator=g) * 2 - 1
+        self.w = nn.Parameter((sign * (0.01 + 0.01 * torch.rand(128, 256, generator=g))).to(torch.bfloat16))
+
+
+@pytest.fixture
+def one_thread():
+    # 1,500 small updates: a second thread only adds synchronisation (and spins on a busy machine).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("z_generator", ["torch", "philox"])
+def test_500_tiny_updates_move_bf16_weights_by_their_sum_in_expectation_and_vanish_with_nearest(z_generator, one_thread):
+    moved = {}
+    for policy in ("auto", "none", "fp32") if z_generator == "torch" else ("auto", "none"):
+        model = Wide()
+        start = model.w.detach().double().clone()
+        zo = ZOParameters(model, run_seed=1, distribution="rademacher", z_generator=z_generator, master_weights=policy)
+        expected = torch.zeros(128, 256, dtype=torch.float64)
+        for step in range(500):
+            zo.apply_update(step, [(0, 1.0)], lr=1e-6)  # every weight moves by -1e-6 z, z = +-1
+            expected -= 1e-6 * zo.z("w", step, 0).double()
+        moved[policy] = (zo.value("w").double() - start, expected)
+    d, e = moved["auto"]
+    # Stochastic rounding: E[d] = e. The noise of the slope <d, e> / <e, e> over 32,768 weights is ~0.04.
+    slope = (d * e).sum() / (e * e).sum()
+    assert 0.8 < slope.item() < 1.2
+    assert (d.abs() > 0).float().mean() > 0.3  # weights really moved, by whole bf16 spacings
+    d, _ = moved["none"]
+    assert torch.equal(d, torch.zeros_like(d))  # round to nearest: every update was lost
+    if "fp32" in moved:
+        d, e = moved["fp32"]
+        assert torch.allclose(d, e, atol=1e-7)  # the fp32 master holds the exact sum
 
 
 def test_tied_weights_are_one_parameter_with_one_z_seen_by_both_users():

@@ -154,6 +154,65 @@ def test_fused_update_perturb_kernel(kern, name):
         torch.testing.assert_close(ref_out.float(), fused_out.float(), rtol=2**-7, atol=1e-6)
 
 
+def test_kernel_rounding_bits_are_the_reference_philox_bits(kern):
+    assert torch.equal(kern["bits"], R.philox_bits(W.ROUND_SEED, 4 * 1_001))
+    assert torch.equal(kern["bits_far"], R.philox_bits(W.ROUND_SEED, 4 * 1_001, offset=4 * (2**33 + 1)))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_kernel_stochastic_rounding_is_the_reference_rule_bit_for_bit(kern, dtype):
+    # The kernel's integer/float formulation of the rule against the reference's (and so against the
+    # table look-up of test_lowprec): weights, fp16 subnormals, overflow, inf and NaN.
+    x = W.rounding_inputs()
+    tag = str(dtype).removeprefix("torch.")
+    want = R.stochastic_round(x, dtype, R.philox_bits(W.ROUND_SEED, x.numel())).float()
+    got = kern[f"sr_f32w_{tag}"]
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~want.isnan()], want[~want.isnan()])
+    # ...and the same call of the torch reference (what runs off CUDA) gives the same fp32 tensor.
+    ref = R.fused_update_perturb(x.clone(), [], [], W.ROUND_ONLY_WD, round_dtype=dtype, round_seed=W.ROUND_SEED)
+    assert torch.equal(ref[~want.isnan()], want[~want.isnan()])
+    near = kern[f"sr_nearest_{tag}"]
+    assert torch.equal(near[~want.isnan()], x.to(dtype).float()[~want.isnan()])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("wdt", ["same", "float32"])
+def test_fused_rounded_update_with_both_perturbed_copies_matches_the_reference(kern, dtype, wdt):
+    tag = str(dtype).removeprefix("torch.")
+    wdtype = dtype if wdt == "same" else torch.float32
+    k = 2 if wdt == "same" else 3
+    wk, plus, minus, sep_plus, sep_minus = kern[f"sr_fused_{tag}_{str(wdtype).removeprefix('torch.')}"]
+    # The paired copies from one pass equal two separate perturbed copies of the stored (rounded) value.
+    assert torch.equal(plus, sep_plus) and torch.equal(minus, sep_minus)
+    # The stored value holds dtype's values, and equals the reference (Rademacher z: bit for bit).
+    assert torch.equal(wk.to(dtype).to(wdtype), wk)
+    ref_w = kern["w"].clone().mul_(0.05).to(wdtype)
+    ref_p, ref_m = torch.empty_like(plus), torch.empty_like(minus)
+    R.fused_update_perturb(ref_w, W.UPD_SEEDS[:k], W.UPD_COEFS[:k], W.WD, W.PERT_SEED, W.EPS, ref_p, rademacher=True,
+                           out_minus=ref_m, round_dtype=dtype, round_seed=W.ROUND_SEED)
+    assert torch.equal(ref_w, wk) and torch.equal(ref_p, plus) and torch.equal(ref_m, minus)
+
+
+def test_pair_without_update_only_reads_w(kern):
+    po, pm = kern["pair_only"]
+    w, z = kern["w"], kern["z_" + str(W.PERT_SEED)]
+    assert torch.equal(kern["pair_only_w"], w)
+    assert torch.equal(po, (w + z * torch.tensor(W.EPS)).bfloat16())
+    assert torch.equal(pm, (w + z * torch.tensor(-W.EPS)).bfloat16())
+
+
+def test_reference_rounded_update_is_the_fp32_update_stochastically_rounded():
+    torch.manual_seed(3)
+    w = (torch.randn(70_000) * 0.05).bfloat16()
+    seeds, coefs = [3, 2**62 + 9], [1e-5, -3e-6]
+    got = R.fused_update_perturb(w.clone(), seeds, coefs, 1e-3, round_dtype=torch.bfloat16, round_seed=17)
+    zs = {s: R.philox_randn(s, w.numel()) for s in seeds}
+    exact = _upd_reference_arith(w, seeds, coefs, zs, 1e-3)
+    assert torch.equal(got, R.stochastic_round(exact, torch.bfloat16, R.philox_bits(17, w.numel())))
+    assert not torch.equal(got, exact.bfloat16())  # not round to nearest
+
+
 def test_plus_minus_perturbation_from_fp32_master(kern):
     w, z = kern["w"], kern["z_big"]
     eps = torch.tensor(W.EPS)
@@ -233,6 +292,12 @@ def test_bad_input_is_a_one_line_zoft_error():
         R.perturbed_copy(w, 1, 1.0, out=torch.zeros(9))
     with pytest.raises(ZoftError, match="offset"):
         R.perturbed_copy(w, 1, 1.0, offset=-4)
+    with pytest.raises(ZoftError, match="out_minus without out"):
+        R.fused_update_perturb(w, [1], [1.0], out_minus=torch.zeros(8))
+    with pytest.raises(ZoftError, match="cannot hold"):
+        R.fused_update_perturb(w.half(), [1], [1.0], round_dtype=torch.bfloat16, round_seed=3)
+    with pytest.raises(ZoftError, match="round_seed without round_dtype"):
+        R.fused_update_perturb(w, [1], [1.0], round_seed=3)
 
 
 def test_dispatcher(monkeypatch):

@@ -25,6 +25,9 @@ UPD_SEEDS = [11, (1 << 40) + 3, 2**63 - 1, 5]
 UPD_COEFS = [3e-3, -2e-3, 1.5e-3, 4e-4]
 WD = 1e-4
 PERT_SEED = 99
+ROUND_SEED = (1 << 61) + 77
+# wd_coef whose fp32 decay factor is exactly 1.0: an "update" that only rounds (no z is read).
+ROUND_ONLY_WD = 1e-12
 
 
 @triton.jit
@@ -42,6 +45,35 @@ def _words_kernel(out_ptr, seed, c_first, n, BLOCK: tl.constexpr):
 def _randn_kernel(out_ptr, seed, n, BLOCK: tl.constexpr):
     c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(out_ptr + c, tl.randn(seed, c), mask=c < n)
+
+
+@triton.jit
+def _bits_kernel(out_ptr, seed, c_first, n_c, BLOCK_C: tl.constexpr):
+    lc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    j = tl.arange(0, 4)[None, :]
+    r = K._round_bits(seed, c_first + lc, j)
+    idx = lc[:, None] * 4 + j
+    tl.store(out_ptr + idx, r.to(tl.int32), mask=idx < 4 * n_c)
+
+
+def _bits(seed, c_first, n_c):
+    out = torch.empty(4 * n_c, dtype=torch.int32)
+    _bits_kernel[(triton.cdiv(n_c, 256),)](out, seed, c_first, n_c, BLOCK_C=256)
+    return out
+
+
+def rounding_inputs():
+    """fp32 values around every case of the rounding rule: weights, fp16 subnormals, overflow, inf/NaN."""
+    g = torch.Generator().manual_seed(4)
+    return torch.cat([
+        torch.randn(2000, generator=g) * 0.05,
+        torch.randn(500, generator=g) * 1e-6,
+        torch.randn(200, generator=g) * 1e-9,
+        torch.randn(200, generator=g) * 3e4,
+        torch.randn(100, generator=g) * 1e-39,
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 65504.0, 65519.0, -65530.0, 70000.0, 2.0**-14 - 2.0**-30, 2.0**-24 * 0.75,
+                      3.38e38, 3.3895e38, 3.4e38, -3.4e38, float("inf"), float("-inf"), float("nan")]),
+    ]).float()
 
 
 def _words(seed, c_first, n):
@@ -98,6 +130,30 @@ def main(path):
         unfused_w = K.fused_update_perturb(w.clone().to(wdt), *args, rademacher=rad)
         unfused_out = K.perturbed_copy(unfused_w, PERT_SEED, EPS, torch.empty(N, dtype=odt), rademacher=rad)
         r[f"fused_{name}"] = (fused_w, fused_out, unfused_w, unfused_out)
+
+    # Stochastic rounding in the kernel: its bits, the rule on special values, and a rounded update fused
+    # with both perturbed copies of the paired forward.
+    r["bits"] = _bits(ROUND_SEED, 0, 1_001)
+    r["bits_far"] = _bits(ROUND_SEED, 2**33 + 1, 1_001)  # an odd first counter, past 2**32
+    x = rounding_inputs()
+    with np.errstate(over="ignore", invalid="ignore"):
+        for dt in (torch.bfloat16, torch.float16):
+            tag = str(dt).removeprefix("torch.")
+            kw = dict(round_dtype=dt, round_seed=ROUND_SEED)
+            r[f"sr_f32w_{tag}"] = K.fused_update_perturb(x.clone(), [], [], ROUND_ONLY_WD, **kw)
+            r[f"sr_nearest_{tag}"] = K.fused_update_perturb(x.clone(), [], [], ROUND_ONLY_WD, round_dtype=dt)
+            for wdt, k in ((dt, 2), (torch.float32, 3)):
+                wk = w.clone().mul_(0.05).to(wdt)
+                plus, minus = torch.empty(N, dtype=dt), torch.empty(N, dtype=dt)
+                K.fused_update_perturb(wk, UPD_SEEDS[:k], UPD_COEFS[:k], WD, PERT_SEED, EPS, plus, rademacher=True,
+                                       out_minus=minus, **kw)
+                sep_plus = K.perturbed_copy(wk, PERT_SEED, EPS, torch.empty(N, dtype=dt), rademacher=True)
+                sep_minus = K.perturbed_copy(wk, PERT_SEED, -EPS, torch.empty(N, dtype=dt), rademacher=True)
+                r[f"sr_fused_{tag}_{str(wdt).removeprefix('torch.')}"] = (wk, plus, minus, sep_plus, sep_minus)
+        r["pair_only_w"] = w.clone()
+        po, pm = torch.empty(N, dtype=torch.bfloat16), torch.empty(N, dtype=torch.bfloat16)
+        K.fused_update_perturb(r["pair_only_w"], [], [], 0.0, PERT_SEED, EPS, po, out_minus=pm)
+        r["pair_only"] = (po, pm)
 
     r["axpy_f16_rad"] = K.axpy_z_(w.half(), SEED_BIG, 0.25, rademacher=True)
     r["axpy_f32"] = K.axpy_z_(w.clone(), SEED_BIG, 0.25)

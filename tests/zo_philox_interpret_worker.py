@@ -4,7 +4,9 @@ A separate process because the interpreter must be switched on before triton is 
 leak into other tests. The Triton run is ZO2-offloaded with the deferred update fused into the next
 step's first perturbation, so all three kernel uses are exercised: ``perturbed_copy`` (the forwards),
 ``fused_update_perturb`` with a perturbed copy (step 1's +eps forward) and without (the final flush).
-The reference run is in-memory MeZO on the plain-torch backend. Usage:
+A third pair of runs uses the paired forward, where the fused pass writes both perturbed copies. bf16 runs
+keep no fp32 masters: the kernels round each update stochastically with Philox bits. The reference run is
+in-memory MeZO on the plain-torch backend. Usage:
 ``python tests/zo_philox_interpret_worker.py OUT.pt``; read by tests/test_philox_z.py.
 """
 
@@ -17,9 +19,10 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from zoft.kernels.zo_ops import ENV_VAR, zo_ops  # noqa: E402
-from zoft.zo.estimate import spsa  # noqa: E402
+from zoft.zo.estimate import paired_spsa, spsa  # noqa: E402
 from zoft.zo.mezo import MeZOOptimizer  # noqa: E402
 from zoft.zo.offload import BlockOffloader, DeferredMeZOOptimizer  # noqa: E402
+from zoft.zo.paired import double_batch  # noqa: E402
 from zoft.zo.perturb import ZOParameters  # noqa: E402
 
 VOCAB = 61
@@ -34,7 +37,7 @@ def tiny(dtype):
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-def train(backend, distribution, dtype, offload):
+def train(backend, distribution, dtype, offload, paired=False):
     os.environ[ENV_VAR] = backend
     assert zo_ops("cpu").backend == backend
     model = tiny(dtype)
@@ -48,13 +51,23 @@ def train(backend, distribution, dtype, offload):
     g = torch.Generator().manual_seed(1)
     for step in range(STEPS):
         ids = torch.randint(0, VOCAB, (2, 8), generator=g)
-        for e in spsa(zo, lambda ids=ids: model(input_ids=ids, labels=ids).loss, step=step, eps=1e-2):
+        if paired:
+
+            def pair_losses(ids=ids):
+                logits = model(**double_batch({"input_ids": ids}, 2)).logits
+                return tuple(model.loss_function(logits=h, labels=ids, vocab_size=VOCAB) for h in (logits[:2], logits[2:]))
+
+            estimates = paired_spsa(zo, pair_losses, 2, step=step, eps=1e-2, seq_len=8)
+        else:
+            estimates = spsa(zo, lambda ids=ids: model(input_ids=ids, labels=ids).loss, step=step, eps=1e-2)
+        for e in estimates:
             opt.record(step, e)
         opt.step()
     opt.flush()
     state = {n: p.detach().clone() for n, p in model.state_dict().items()}
     masters = {n: t.clone() for n, t in zo.masters.items()}
-    return {"log": log, "state": state, "masters": masters, "passes": zo.weight_passes, "n_params": len(zo.params)}
+    return {"log": log, "state": state, "masters": masters, "passes": zo.weight_passes, "n_params": len(zo.params),
+            "applied_in_forward": getattr(opt, "applied_in_forward", 0)}
 
 
 def main(path):
@@ -64,6 +77,10 @@ def main(path):
             "triton": train("triton", distribution, dtype, offload=True),
             "torch": train("torch", distribution, dtype, offload=False),
         }
+    results["paired"] = {
+        "triton": train("triton", "rademacher", torch.bfloat16, offload=True, paired=True),
+        "torch": train("torch", "rademacher", torch.bfloat16, offload=False, paired=True),
+    }
     torch.save(results, path)
 
 

@@ -151,8 +151,12 @@ class MethodSection(Section):
     )
     master_weights: Literal["auto", "fp32", "none"] = Field(
         "auto",
-        description="ZO: keep an fp32 copy of trained parameters stored in bf16/fp16 so updates of "
-        "~1e-6 are not lost to rounding (auto: when the trained dtype is not fp32).",
+        description="ZO: how trained weights stored in bf16/fp16 are updated. auto: in fp32 one chunk at a time, "
+        "written back with stochastic rounding seeded by (seed, step, parameter name), so updates of ~1e-6 survive "
+        "in expectation and nothing is kept beyond the weights (inference memory; runs resume and replay exactly); "
+        "fp32: keep an fp32 copy of each such weight and update it (exact sums, +4 bytes per trained weight: "
+        "3x inference memory for full-parameter bf16 MeZO); none: round to nearest (no memory, but updates below "
+        "half a bf16 spacing are lost). fp32 weights are updated in fp32 under every setting.",
     )
     z_generator: Literal["auto", "torch", "philox"] = Field(
         "auto",
@@ -764,7 +768,10 @@ def _offload_combination_problem(recipe: Recipe) -> str | None:
         )
     if o.storage_dtype is None:
         if o.rounding is not None:
-            return "offload.rounding: only used with offload.storage_dtype (blocks are stored in model.dtype)"
+            return (
+                "offload.rounding: only used with offload.storage_dtype (blocks are stored in model.dtype); the updates "
+                "of bf16/fp16 model weights are rounded as method.master_weights says (auto: stochastic, none: nearest)"
+            )
         return None
     if recipe.model.dtype != "float32":
         # Storage must be strictly narrower than the compute dtype: bf16 <-> fp16 is no narrowing (each has
@@ -777,7 +784,8 @@ def _offload_combination_problem(recipe: Recipe) -> str | None:
     if recipe.method.master_weights == "fp32":
         return (
             "method.master_weights fp32 with offload.storage_dtype: an fp32 copy of every trained weight undoes "
-            "the storage saving (updates are computed in fp32 on the device and rounded); use master_weights auto"
+            "the storage saving (updates are computed in fp32 on the device and rounded as offload.rounding says); "
+            "use master_weights auto"
         )
     return None
 
@@ -893,6 +901,11 @@ def _qzo_addax_combinations(recipe: Recipe) -> None:
             raise ValueError(f"{', '.join(set_keys)}: only used by method 'addax' (method is '{method.name}')")
     if method.clip_projected_grad is not None and not method.is_zeroth_order:
         raise ValueError(f"method.clip_projected_grad: only used by zeroth-order methods, not '{method.name}'")
+    if "master_weights" in method.model_fields_set and method.master_weights != "auto" and not method.is_zeroth_order:
+        raise ValueError(
+            f"method.master_weights: only used by zeroth-order methods (their seeded update); method '{method.name}' "
+            "updates through its optimizer in the model's dtype; drop it"
+        )
     if method.name == "qzo" and recipe.peft is not None:
         raise ValueError("method 'qzo' trains the 4-bit quantization scales, not adapters; drop the peft section")
     if recipe.model.quantization is not None:

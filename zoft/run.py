@@ -155,11 +155,15 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
         from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
         from zoft.zo.offload import check_cpu_memory
 
-        needed = shape_of_recipe(recipe).total_params * DTYPE_BYTES[recipe.model.dtype]
+        total = shape_of_recipe(recipe).total_params
+        needed = total * DTYPE_BYTES[recipe.model.dtype]
+        # method.master_weights fp32 keeps an fp32 copy of every trained bf16/fp16 weight, in CPU memory with the
+        # blocks (the default keeps none). Adapters (peft) are small and live on the compute device.
+        masters = total * 4 if recipe.method.master_weights == "fp32" and recipe.peft is None and needed < total * 4 else 0
         # Rank 0 decides for all: ranks measuring while others load would disagree, and one refusing alone
         # would leave the rest waiting in a collective.
         launch.on_main_then_share(
-            lambda: check_cpu_memory(needed, _cpu_available(), processes=launch.local_world_size())
+            lambda: check_cpu_memory(needed, _cpu_available(), processes=launch.local_world_size(), masters_bytes=masters)
         )
     tokenizer = data = None
     if _uses_lora_ga(recipe):  # issue 5: LoRA-GA's init needs training batches before the model is wrapped
@@ -173,16 +177,13 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
         data = build_datasets(recipe.data, tokenizer, recipe.model.task)
     zo = None
     if recipe.method.is_zeroth_order:
-        master_weights = recipe.method.master_weights
-        if recipe.offload is not None and recipe.offload.storage_dtype is not None:
-            # Blocks stored in bf16/fp16 compute and update in float32 (validated) on their resident copy:
-            # "auto" would see the 16-bit stored tensors and allocate fp32 masters of the whole model.
-            master_weights = "none"
+        # Blocks stored in bf16/fp16 (offload.storage_dtype) compute in float32 and are rounded to their storage
+        # dtype by the update (offload.rounding), whatever master_weights says ("fp32" is refused with it).
         zo = MeZOConfig(
             eps=recipe.method.eps,
             n_directions=recipe.method.n_directions,
             distribution=recipe.method.distribution,
-            master_weights=master_weights,
+            master_weights=recipe.method.master_weights,
             z_generator=recipe.method.z_generator,
             clip_projected_grad=recipe.method.projected_grad_clip,
             paired_forward=recipe.uses_paired_forward,
@@ -489,15 +490,17 @@ def replay(run_dir: str, out_dir: str) -> int:
     header, records = read_trajectory(run / TRAJECTORY_FILE)
     model, tokenizer = build_model_and_tokenizer(recipe)
     storage = storage_rounding(header)
-    if storage is not None:  # ZO2 with bf16/fp16 storage: start from the blocks as the run stored them
+    if storage is not None:  # ZO2 with bf16/fp16 storage: start from the blocks (trained or not) as the run stored them
         from zoft.zo.offload import round_blocks_to_storage_
 
         round_blocks_to_storage_(model, storage[0])
+    # Logs written before "rounding" was recorded kept fp32 masters of half-precision weights (the old auto).
+    master_weights = "fp32" if "rounding" not in header and header.get("master_weights") else recipe.method.master_weights
     zo = ZOParameters(
         model,
         header["run_seed"],
         distribution=header["distribution"],
-        master_weights=recipe.method.master_weights,
+        master_weights=master_weights,
         # The run's own generator, whatever this machine would pick: philox replays a CUDA run on CPU.
         z_generator=recorded_z_generator(header),
     )

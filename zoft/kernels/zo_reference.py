@@ -25,6 +25,7 @@ from ..errors import ZoftError
 
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
+_ROUND_DTYPES = (torch.bfloat16, torch.float16)
 # Philox4x32 round multipliers and Weyl key increments (Salmon et al. 2011), as in triton/language/random.py.
 _ROUND_A = 0xD2511F53
 _ROUND_B = 0xCD9E8D57
@@ -179,6 +180,89 @@ def philox_rademacher(
     return philox_z(seed, numel, device, offset=offset, rademacher=True)
 
 
+# -- stochastic rounding (the rule is documented in zoft.zo.lowprec) --------------------------------------
+
+
+def philox_bits(seed: int, numel: int, device: torch.device | str | None = None, *, offset: int = 0) -> torch.Tensor:
+    """Elements ``[offset, offset + numel)`` of the Philox rounding stream of ``seed``, int32 in [0, 65536).
+
+    Element ``e``: 16-bit half ``e % 2`` (low first) of word ``(e // 2) % 4`` of Philox4x32-10 at counter
+    ``e // 8`` (one Philox call feeds 8 elements; z takes one call per 4).
+    """
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if numel == 0:
+        return torch.empty(0, dtype=torch.int32, device=device)
+    first, last = offset // 8, (offset + numel - 1) // 8
+    counters = torch.arange(first, last + 1, dtype=torch.int64, device=device)
+    words = torch.stack(philox4x32(seed, counters), dim=1)  # (counters, 4) uint32 in int64
+    halves = torch.stack([words & _MASK16, words >> 16], dim=2).reshape(-1)
+    skip = offset - 8 * first
+    return halves[skip : skip + numel].to(torch.int32)
+
+
+def round_stored(acc: torch.Tensor, round_dtype: torch.dtype | None, round_seed: int | None, offset: int) -> torch.Tensor:
+    """The updated fp32 values ``acc`` (elements ``offset...`` of a tensor) rounded to ``round_dtype``.
+
+    ``round_dtype`` None: returned as they are (the caller casts to the weight's dtype, to nearest).
+    ``round_seed`` None: to nearest; else stochastically with ``philox_bits(round_seed, ..., offset)``.
+    """
+    if round_dtype is None:
+        return acc
+    if round_seed is None:
+        return acc.to(round_dtype)
+    return stochastic_round(acc, round_dtype, philox_bits(round_seed, acc.numel(), acc.device, offset=offset))
+
+
+def _step_magnitude(bits: torch.Tensor, delta: int) -> torch.Tensor:
+    # 16-bit floats are sign-magnitude with magnitudes ordered like their bit patterns, so +-1 on the int16
+    # view moves one representable value away from / toward zero for either sign (-0 is 0x8000; +1 gives
+    # the smallest subnormal with the minus sign).
+    return bits + delta
+
+
+def _stochastic_generic(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
+    """The rounding rule computed from the neighbours (any 16-bit dtype); the reference the fast paths match."""
+    near = x.to(dtype)
+    near_f = near.float()
+    ax = x.abs()
+    nbits = near.view(torch.int16)
+    toward_bits = torch.where(near_f.abs() > ax, _step_magnitude(nbits, -1), nbits).to(torch.int16)
+    toward = toward_bits.view(dtype)
+    away = _step_magnitude(toward_bits, 1).to(torch.int16).view(dtype)
+    t, a = toward.float().abs(), away.float().abs()
+    # Past the largest finite value the next one is infinity, taken as one spacing further (IEEE overflow):
+    # the spacing is then the one below t, which is t's binade's.
+    below = _step_magnitude(toward_bits, -1).to(torch.int16).view(dtype).float().abs()
+    spacing = torch.where(torch.isinf(a), t - below, a - t)
+    # |x| - |t| is exact (Sterbenz, or t = 0) and the spacing is a power of two, so frac is exact.
+    frac = (ax - t) / spacing
+    u_complement = 1.0 - r.to(torch.float32) * (1.0 / 65536)  # exact: 16-bit grid
+    rounded = torch.where(frac >= u_complement, away, toward)
+    return torch.where(torch.isfinite(x), rounded, near)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, r: torch.Tensor) -> torch.Tensor:
+    """``x`` (fp32) rounded stochastically to ``dtype`` with bits ``r``; a tensor of ``dtype``.
+
+    The rule (``zoft.zo.lowprec``): ``t`` is ``x`` rounded toward zero, ``a`` its neighbour away from zero
+    (infinity past the largest finite value, one spacing further), ``frac = (|x| - |t|) / (|a| - |t|)``;
+    ``a`` when ``frac >= 1 - r / 65536``, else ``t``; infinities and NaN stay as they are.
+
+    Args:
+        x: fp32 values (left unchanged).
+        dtype: ``torch.bfloat16`` or ``torch.float16``.
+        r: int32 tensor of ``x``'s element count, values in [0, 65536) (e.g. :func:`philox_bits`).
+    """
+    if dtype != torch.bfloat16:
+        return _stochastic_generic(x, dtype, r.view(x.shape))
+    # bf16 is the upper half of fp32: adding r to the low half carries into the upper half exactly when
+    # frac >= 1 - r / 65536, also from the largest finite value into infinity, and leaves infinities and the
+    # NaNs arithmetic produces (0x7FC00000, 0xFFC00000) as they are. Arithmetic shift of the int32 view keeps
+    # the sign bits of negative values. (A NaN whose payload fills the high mantissa bits could wrap to +-0.)
+    bits = x.view(torch.int32) + r.view(x.shape)
+    return bits.bitwise_right_shift_(16).to(torch.int16).view(torch.bfloat16)
+
+
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -287,54 +371,93 @@ def fused_update_perturb(
     *,
     offset: int = 0,
     rademacher: bool = False,
+    out_minus: torch.Tensor | None = None,
+    round_dtype: torch.dtype | None = None,
+    round_seed: int | None = None,
 ) -> torch.Tensor:
     """ZO update of ``w`` in place, optionally fused with the next step's perturbed copy (plain torch).
 
     In fp32: ``w_new = w * (1 - wd_coef) - sum_k upd_coefs[k] * z(upd_seeds[k])`` (terms subtracted
-    in order), stored to ``w``. If ``out`` is given, ``out = w_new' + pert_eps * z(pert_seed)`` where
-    ``w_new'`` is ``w_new`` as stored in ``w``'s dtype, so the fused call equals the update followed
-    by ``perturbed_copy(w, pert_seed, pert_eps, out)`` bit for bit.
+    in order), rounded to ``round_dtype`` (see below) and stored to ``w``. If ``out`` is given,
+    ``out = w_new' + pert_eps * z(pert_seed)`` where ``w_new'`` is ``w_new`` as stored in ``w``, so the
+    fused call equals the update followed by ``perturbed_copy(w, pert_seed, pert_eps, out)`` bit for bit;
+    ``out_minus`` (with ``out``) gets ``w_new' - pert_eps * z(pert_seed)`` from the same z, equal to
+    ``perturbed_copy`` with ``-pert_eps``. With no directions and no decay ``w`` is only read.
 
     Args:
-        w: contiguous fp32/bf16/fp16 tensor updated in place (normally the fp32 master).
+        w: contiguous fp32/bf16/fp16 tensor updated in place (a half-precision weight, an fp32 master, or
+            the fp32 resident copy of a block stored in 16 bits).
         upd_seeds: 0 to 4 seeds of the directions of the update.
         upd_coefs: their coefficients (e.g. ``lr * projected_grad / n``), same length.
         wd_coef: decoupled weight decay factor (``lr * weight_decay``).
         pert_seed: seed of the next perturbation; required when ``out`` is given.
         pert_eps: scale of the next perturbation.
         out: destination of the perturbed copy, or None for the update alone.
-        offset: z stream index of ``w``'s first element (same for all seeds).
+        offset: z stream index of ``w``'s first element (same for all seeds and the rounding bits).
         rademacher: +-1 z instead of N(0, 1).
+        out_minus: destination of the ``-pert_eps`` copy (the paired forward), or None.
+        round_dtype: ``torch.bfloat16`` / ``torch.float16``: round the updated value to this dtype before
+            storing it (exact in ``w``'s dtype); None: cast to ``w``'s dtype (to nearest).
+        round_seed: with ``round_dtype``, the seed of stochastic rounding bits (``philox_bits``); None: to
+            nearest.
 
     Returns:
         ``w``.
 
     Raises:
-        ZoftError: bad dtype, layout, size, seed, or more than 4 directions.
+        ZoftError: bad dtype, layout, size, seed, more than 4 directions, or a rounding dtype wider than
+            ``w``'s.
     """
     check_tensor(w, "w")
     seeds, coefs = check_directions(upd_seeds, upd_coefs)
     out = check_out(w, out)
+    out_minus = check_out(w, out_minus)
     if out is not None:
         if pert_seed is None:
             raise ZoftError("fused_update_perturb got out but no pert_seed; pass the next step's seed")
         pert_seed = check_seed(pert_seed)
         if out.data_ptr() == w.data_ptr():
             raise ZoftError("fused_update_perturb: out is w itself; pass a separate compute copy, or out=None")
+    elif out_minus is not None:
+        raise ZoftError("fused_update_perturb got out_minus without out; pass both perturbed copies")
+    check_rounding(w, round_dtype, round_seed)
     check_offset(offset)
     dev = w.device
+    update = bool(seeds) or float(wd_coef) != 0.0
     decay = torch.tensor(1.0 - float(wd_coef), dtype=torch.float32, device=dev)
     coefs32 = [torch.tensor(c, dtype=torch.float32, device=dev) for c in coefs]
     eps32 = torch.tensor(float(pert_eps), dtype=torch.float32, device=dev)
+    neg_eps32 = torch.tensor(-float(pert_eps), dtype=torch.float32, device=dev)
     wf = w.view(-1)
     of = None if out is None else out.view(-1)
+    om = None if out_minus is None else out_minus.view(-1)
     for a, b in _chunks(wf.numel()):
-        acc = wf[a:b].to(torch.float32) * decay
-        for s, c in zip(seeds, coefs32):
-            acc = acc - _z_slice(s, offset + a, b - a, dev, rademacher) * c
-        stored = acc.to(w.dtype)
-        wf[a:b] = stored
+        if update:
+            acc = wf[a:b].to(torch.float32) * decay
+            for s, c in zip(seeds, coefs32):
+                acc = acc - _z_slice(s, offset + a, b - a, dev, rademacher) * c
+            stored = round_stored(acc, round_dtype, round_seed, offset + a).to(w.dtype)
+            wf[a:b] = stored
+        else:
+            stored = wf[a:b]
         if of is not None:
             z = _z_slice(pert_seed, offset + a, b - a, dev, rademacher)
-            of[a:b] = (stored.to(torch.float32) + z * eps32).to(of.dtype)
+            base = stored.to(torch.float32)
+            of[a:b] = (base + z * eps32).to(of.dtype)
+            if om is not None:
+                om[a:b] = (base + z * neg_eps32).to(om.dtype)
     return w
+
+
+def check_rounding(w: torch.Tensor, round_dtype: torch.dtype | None, round_seed: int | None) -> None:
+    """Raise ZoftError unless ``round_dtype`` is None or a 16-bit dtype no wider than ``w``'s (and the seed valid)."""
+    if round_dtype is None:
+        if round_seed is not None:
+            raise ZoftError("fused_update_perturb got round_seed without round_dtype; pass the dtype to round to")
+        return
+    if round_dtype not in _ROUND_DTYPES:
+        raise ZoftError(f"round_dtype {round_dtype} is not bfloat16 or float16")
+    if w.dtype not in (torch.float32, round_dtype):
+        raise ZoftError(f"w of dtype {w.dtype} cannot hold {round_dtype} values exactly; round to {w.dtype} or use fp32 w")
+    if round_seed is not None:
+        check_seed(round_seed)

@@ -22,11 +22,13 @@ import triton
 import triton.language as tl
 
 from ..errors import ZoftError
-from .zo_reference import check_directions, check_offset, check_out, check_seed, check_tensor
+from .zo_reference import check_directions, check_offset, check_out, check_rounding, check_seed, check_tensor
 
 # Counters per program: 256 counters = 1024 elements, 4 Philox words each.
 _BLOCK_C = 256
-_SEED_ARGS = ["seed", "c_first", "skip", "s0", "s1", "s2", "s3", "pseed"]
+_SEED_ARGS = ["seed", "c_first", "skip", "s0", "s1", "s2", "s3", "pseed", "rseed"]
+# round_dtype codes of the update kernel (a compile-time constant).
+_ROUND_NONE, _ROUND_BF16, _ROUND_FP16 = 0, 1, 2
 
 
 @triton.jit
@@ -61,6 +63,16 @@ def _store_cast(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def _bf16_nearest_f32(x):
+    """``_store_cast(x, bf16)`` as fp32 values, by integer ops only (the interpreter's bf16 -> fp32 cast
+    mishandles subnormals)."""
+    u = x.to(tl.uint32, bitcast=True)
+    r = ((u + (0x7FFF + ((u >> 16) & 1))) >> 16) << 16
+    r = tl.where(x != x, ((u >> 16) | 0x40) << 16, r)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _tile(c_first, skip, n, BLOCK_C: tl.constexpr, INT64: tl.constexpr):
     """Counters, lanes, element indices and mask of this program's (BLOCK_C, 4) tile."""
     pid = tl.program_id(0)
@@ -84,29 +96,81 @@ def _perturbed_copy_kernel(
     tl.store(out_ptr + idx, _store_cast(w + eps * z, out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _round_bits(rseed, c, j):
+    """Rounding integers in [0, 65536) of the elements 4*c + j: 16-bit half e % 2 of word (e // 2) % 4 of
+    Philox at counter e // 8 (e = 4c + j), as ``zo_reference.philox_bits``."""
+    r1, r2, r3, r4 = tl.randint4x(rseed, c >> 1)
+    w = 2 * (c & 1)[:, None] + (j >> 1)
+    word = tl.where(w == 0, r1[:, None], tl.where(w == 1, r2[:, None], tl.where(w == 2, r3[:, None], r4[:, None])))
+    return tl.where((j & 1) == 0, word & 0xFFFF, word >> 16)
+
+
+@triton.jit
+def _stochastic_bf16(x, r):
+    """``zo_reference.stochastic_round`` to bf16 (as fp32 values): add r to the fp32 bits, drop the low 16.
+    Carries into infinity past the largest finite value; leaves infinities and computed NaNs as they are."""
+    t = ((x.to(tl.uint32, bitcast=True) + r) >> 16) << 16  # literals above 2**31 would widen to int64
+    return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _stochastic_fp16(x, r):
+    """``zo_reference.stochastic_round`` to fp16 (as fp32 values): 13 dropped bits for fp16 normals (65536 and
+    beyond become infinity), multiples of 2^-24 below 2^-14; infinities and NaN stay."""
+    u = x.to(tl.uint32, bitcast=True)
+    mag = u & 0x7FFFFFFF
+    sign = (u >> 31) << 31
+    normal = (((mag + (r >> 3)) & 0x7FFFE000) | sign).to(tl.float32, bitcast=True)
+    normal = tl.where(tl.abs(normal) >= 65536.0, normal * float("inf"), normal)
+    scaled = tl.abs(x) * 16777216.0
+    q = tl.floor(scaled)
+    up = (scaled - q) >= 1.0 - r.to(tl.float32) * (1.0 / 65536.0)
+    sub = (q + tl.where(up, 1.0, 0.0)) * (1.0 / 16777216.0)
+    sub = tl.where(sign != 0, -sub, sub)
+    val = tl.where(mag < 0x38800000, sub, normal)
+    return tl.where(mag >= 0x7F800000, x, val)
+
+
 @triton.jit(do_not_specialize=_SEED_ARGS)
 def _update_perturb_kernel(
-    w_ptr, out_ptr, n, c_first, skip,
-    s0, s1, s2, s3, a0, a1, a2, a3, decay, pseed, peps,
-    NUM_UPD: tl.constexpr, HAS_OUT: tl.constexpr,
+    w_ptr, out_ptr, out2_ptr, n, c_first, skip,
+    s0, s1, s2, s3, a0, a1, a2, a3, decay, pseed, peps, rseed,
+    NUM_UPD: tl.constexpr, UPDATE: tl.constexpr, HAS_OUT: tl.constexpr, HAS_OUT2: tl.constexpr,
+    ROUND: tl.constexpr, ROUND_SR: tl.constexpr,
     RADEMACHER: tl.constexpr, BLOCK_C: tl.constexpr, INT64: tl.constexpr,
 ):
     c, j, idx, mask = _tile(c_first, skip, n, BLOCK_C, INT64)
-    acc = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32) * decay
-    if NUM_UPD > 0:
-        acc = acc - _z_block(s0, c, j, RADEMACHER) * a0
-    if NUM_UPD > 1:
-        acc = acc - _z_block(s1, c, j, RADEMACHER) * a1
-    if NUM_UPD > 2:
-        acc = acc - _z_block(s2, c, j, RADEMACHER) * a2
-    if NUM_UPD > 3:
-        acc = acc - _z_block(s3, c, j, RADEMACHER) * a3
-    new = _store_cast(acc, w_ptr.dtype.element_ty)
-    tl.store(w_ptr + idx, new, mask=mask)
+    w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+    if UPDATE:
+        acc = w * decay
+        if NUM_UPD > 0:
+            acc = acc - _z_block(s0, c, j, RADEMACHER) * a0
+        if NUM_UPD > 1:
+            acc = acc - _z_block(s1, c, j, RADEMACHER) * a1
+        if NUM_UPD > 2:
+            acc = acc - _z_block(s2, c, j, RADEMACHER) * a2
+        if NUM_UPD > 3:
+            acc = acc - _z_block(s3, c, j, RADEMACHER) * a3
+        if ROUND == 1:
+            if ROUND_SR:
+                acc = _stochastic_bf16(acc, _round_bits(rseed, c, j))
+            else:
+                acc = _bf16_nearest_f32(acc)
+        elif ROUND == 2:
+            if ROUND_SR:
+                acc = _stochastic_fp16(acc, _round_bits(rseed, c, j))
+            else:
+                acc = acc.to(tl.float16).to(tl.float32)
+        new = _store_cast(acc, w_ptr.dtype.element_ty)
+        tl.store(w_ptr + idx, new, mask=mask)
+        w = new.to(tl.float32)
     if HAS_OUT:
         # Perturb the value as stored, so fused == update followed by perturbed_copy in any dtype.
-        pert = new.to(tl.float32) + _z_block(pseed, c, j, RADEMACHER) * peps
-        tl.store(out_ptr + idx, _store_cast(pert, out_ptr.dtype.element_ty), mask=mask)
+        z = _z_block(pseed, c, j, RADEMACHER)
+        tl.store(out_ptr + idx, _store_cast(w + z * peps, out_ptr.dtype.element_ty), mask=mask)
+        if HAS_OUT2:
+            tl.store(out2_ptr + idx, _store_cast(w + z * (-peps), out2_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
@@ -184,15 +248,21 @@ def fused_update_perturb(
     *,
     offset: int = 0,
     rademacher: bool = False,
+    out_minus: torch.Tensor | None = None,
+    round_dtype: torch.dtype | None = None,
+    round_seed: int | None = None,
 ) -> torch.Tensor:
-    """ZO update of ``w`` in place, fused with the next step's perturbed copy: one read, one write of ``w``.
+    """ZO update of ``w`` in place, fused with the next step's perturbed copies: one read, one write of ``w``.
 
-    In fp32: ``w_new = w * (1 - wd_coef) - sum_k upd_coefs[k] * z(upd_seeds[k])``, stored to ``w``;
+    In fp32: ``w_new = w * (1 - wd_coef) - sum_k upd_coefs[k] * z(upd_seeds[k])``, rounded to
+    ``round_dtype`` (stochastically with Philox bits of ``round_seed``, in registers) and stored to ``w``;
     if ``out`` is given, also ``out = w_new' + pert_eps * z(pert_seed)`` with ``w_new'`` the value
-    stored in ``w``'s dtype (so fused equals update-then-``perturbed_copy`` exactly).
+    stored in ``w`` (so fused equals update-then-``perturbed_copy`` exactly), and ``out_minus`` the
+    ``-pert_eps`` copy from the same z. With no directions and no decay ``w`` is only read.
 
     Args:
-        w: contiguous fp32/bf16/fp16 CUDA tensor updated in place (normally the fp32 master).
+        w: contiguous fp32/bf16/fp16 CUDA tensor updated in place (a half-precision weight, an fp32
+            master, or the fp32 resident copy of a block stored in 16 bits).
         upd_seeds: 0 to 4 direction seeds (a compile-time count: one kernel variant per count).
         upd_coefs: their coefficients, e.g. ``lr * projected_grad / n``.
         wd_coef: decoupled weight decay factor (``lr * weight_decay``).
@@ -201,33 +271,44 @@ def fused_update_perturb(
         out: destination of the perturbed copy (e.g. the bf16 compute weights), or None.
         offset: z stream index of ``w``'s first element.
         rademacher: +-1 z instead of N(0, 1).
+        out_minus: destination of the ``-pert_eps`` copy (the paired forward), or None.
+        round_dtype: bf16/fp16 to round the updated value to before storing; None: cast to ``w``'s dtype.
+        round_seed: with ``round_dtype``, the seed of the stochastic rounding bits; None: to nearest.
 
     Returns:
         ``w``.
 
     Raises:
         ZoftError: bad dtype, layout, size, seed, more than 4 directions, ``out`` aliasing ``w``,
-            or a non-CUDA tensor outside the interpreter.
+            a bad rounding, or a non-CUDA tensor outside the interpreter.
     """
     check_tensor(w, "w")
     seeds, coefs = check_directions(upd_seeds, upd_coefs)
     out = check_out(w, out)
+    out_minus = check_out(w, out_minus)
     if out is not None:
         if pert_seed is None:
             raise ZoftError("fused_update_perturb got out but no pert_seed; pass the next step's seed")
         pert_seed = check_seed(pert_seed)
         if out.data_ptr() == w.data_ptr():
             raise ZoftError("fused_update_perturb: out is w itself; pass a separate compute copy, or out=None")
-    if w.numel() == 0:
+    elif out_minus is not None:
+        raise ZoftError("fused_update_perturb got out_minus without out; pass both perturbed copies")
+    check_rounding(w, round_dtype, round_seed)
+    update = bool(seeds) or float(wd_coef) != 0.0
+    if w.numel() == 0 or (not update and out is None):
         return w
     grid, c_first, skip, int64 = _launch_geometry(w, offset)
     s = seeds + [0] * (4 - len(seeds))
     a = coefs + [0.0] * (4 - len(coefs))
+    kind = {None: _ROUND_NONE, torch.bfloat16: _ROUND_BF16, torch.float16: _ROUND_FP16}[round_dtype]
     _update_perturb_kernel[grid](
-        w, w if out is None else out, w.numel(), c_first, skip,
+        w, w if out is None else out, w if out_minus is None else out_minus, w.numel(), c_first, skip,
         s[0], s[1], s[2], s[3], a[0], a[1], a[2], a[3],
         1.0 - float(wd_coef), 0 if pert_seed is None else pert_seed, float(pert_eps),
-        NUM_UPD=len(seeds), HAS_OUT=out is not None,
+        0 if round_seed is None else round_seed,
+        NUM_UPD=len(seeds), UPDATE=update, HAS_OUT=out is not None, HAS_OUT2=out_minus is not None,
+        ROUND=kind, ROUND_SR=round_seed is not None,
         RADEMACHER=bool(rademacher), BLOCK_C=_BLOCK_C, INT64=int64,
     )
     return w

@@ -263,6 +263,11 @@ def _update_one(
     fo_weight: float,
 ) -> None:
     p = zo.params[name]
+    if name in zo.rounding:
+        # bf16/fp16 without a master: the mixed update in fp32, rounded back once (seeded, zoft.zo.lowprec).
+        dense = None if grad is None or lr * fo_weight == 0.0 else (grad, lr * fo_weight)
+        zo.rounded_update(name, step, coefficients, lr, weight_decay, dense=dense)
+        return
     target = zo.masters.get(name, p.data)
     wd = 0.0 if _is_no_decay(name, p) else weight_decay
     if lr * wd != 0.0:

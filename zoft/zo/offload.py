@@ -8,10 +8,13 @@ block is needed only during its forward, so GPU weight memory drops from the who
 two blocks. The ZO update of step t is deferred (:class:`DeferredMeZOOptimizer`) and applied to
 each block while it is resident for step t+1's first forward, so updating costs no extra transfer.
 With the paired forward (:mod:`zoft.zo.paired`) both perturbed forwards run during one residency, so
-each block is uploaded once per step.
-Optionally blocks are stored in bf16/fp16 and computed in the model's dtype (ZO2's AMP mode, with
-seeded stochastic rounding: :mod:`zoft.zo.lowprec`), and under DistZO2 each rank uploads a slice of
-each block and the ranks all-gather the rest (DistZO2's sliced uploads).
+each block is uploaded once per step, and with philox z the deferred update and both perturbed copies
+are one pass over each weight. A bf16/fp16 model is streamed as it is stored: no fp32 copies, the update
+is computed in fp32 on the resident block and rounded back stochastically (:mod:`zoft.zo.lowprec`).
+Optionally blocks of an fp32 model are stored in bf16/fp16 and computed in fp32 (ZO2's AMP mode, with
+the same seeded rounding), and under DistZO2 each rank uploads a slice of each block and the ranks
+all-gather the rest (DistZO2's sliced uploads). Dirty blocks are written back on their own CUDA stream,
+so the copy to host memory overlaps the next block's compute.
 
 The hooks are generic: blocks are found as the largest ``nn.ModuleList`` of identical modules
 (``model.model.layers``, ``transformer.h``, ``model.decoder.layers``, ...), with no per-model copy
@@ -31,7 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from zoft.errors import ZoftError
-from zoft.zo.lowprec import ROUNDINGS, STORAGE_DTYPES, round_updated_
+from zoft.zo.lowprec import ROUNDINGS, STORAGE_DTYPES
 from zoft.zo.mezo import MeZOOptimizer
 from zoft.zo.perturb import ZOParameters
 
@@ -105,15 +108,17 @@ class BlockOffloader:
     A forward pre-hook on block i makes it resident (waiting for its prefetch if one is under way)
     and starts uploading block i+1 (i+1 = 0 after the last block, for the next forward) on a side
     stream; a forward hook sends block i back. Stored values are written back only when they were
-    changed while resident (:meth:`mark_dirty`), so a block that was only read costs one upload.
+    changed while resident (:meth:`mark_dirty`), so a block that was only read costs one upload; the
+    write-back runs on a third CUDA stream (after the compute that produced the values), overlapping the
+    next block's compute, and the next upload of that block waits for it.
 
     Low-precision storage (``storage_dtype``, ZO2's AMP mode): the blocks' floating-point parameters
     are stored in bf16/fp16 (rounded to nearest once, here) and cast back to their own dtype on the
     compute device after each upload, so forwards, perturbations and updates run in the model's
-    dtype on the resident copy. :meth:`round_updated` rounds updated values to the storage dtype on
-    the resident copy (seeded, :mod:`zoft.zo.lowprec`), so the forwards that follow and the stored
-    copy see the same values and the write-back is exact. Buffers (rotary tables, masks) keep their
-    dtype: they are small and some lose their meaning in 16 bits.
+    dtype on the resident copy. The update rounds each updated value to the storage dtype on the
+    resident copy (:meth:`ZOParameters.round_to_storage`, seeded, :mod:`zoft.zo.lowprec`), so the
+    forwards that follow and the stored copy see the same values and the write-back is exact. Buffers
+    (rotary tables, masks) keep their dtype: they are small and some lose their meaning in 16 bits.
 
     Sliced uploads (``sliced``, DistZO2's hardware-aware scheme): the ranks of ``group`` (one node's
     ranks) each copy only their 1/size slice of a block's stored tensors (flattened and concatenated
@@ -137,7 +142,8 @@ class BlockOffloader:
         pin_memory: pin stored tensors (``None``: when computing on CUDA).
         storage_dtype: ``torch.bfloat16`` / ``torch.float16`` to store block parameters in (those
             wider than it); ``None``: store them in their own dtype.
-        rounding: ``"stochastic"`` (default) or ``"nearest"``, used by :meth:`round_updated`.
+        rounding: ``"stochastic"`` (default) or ``"nearest"``: how updated values of parameters stored in
+            ``storage_dtype`` are rounded to it (applied by :class:`DeferredMeZOOptimizer`'s updates).
         sliced: upload 1/size of each block per rank and all-gather (needs an initialized process group).
         group: the ``torch.distributed`` group sharing the uploads (``None``: the default group); with
             one member, slicing is off.
@@ -177,6 +183,7 @@ class BlockOffloader:
         self.blocks_name, block_list = find_transformer_blocks(model)
         self.blocks: list[nn.Module] = list(block_list)
         self._side_stream = _cuda_stream(self.device)
+        self._writeback_stream = _cuda_stream(self.device)
         # Per block: [(owner module, "_parameters" | "_buffers", attr, stored tensor, compute dtype)].
         self._stored: list[list[tuple[nn.Module, str, str, torch.Tensor, torch.dtype]]] = []
         self._resident: dict[int, list[torch.Tensor]] = {}
@@ -377,16 +384,24 @@ class BlockOffloader:
         if i in self._dirty:
             # Sliced or not, the whole block: this process's stored copy is private and complete (it is what
             # save, checksum and the next upload read), and every rank holds the same updated values.
-            for module, kind, attr, stored, _ in self._stored[i]:
-                if kind == "_parameters":
-                    value = module._parameters[attr].data
-                    # Narrowed on the compute device, for the same reason as in _upload. After
-                    # round_updated the values are representable, so this cast is exact.
-                    stored.copy_(value if value.dtype == stored.dtype else value.to(stored.dtype), non_blocking=True)
-            if self.device.type == "cuda":
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(self.device))
-                self._writeback_event[i] = event
+            stream = self._writeback_stream
+            if stream is not None:
+                # After the compute that wrote the values; then off the compute stream, so the next block's
+                # forward does not wait for the copy to host memory.
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                for (module, kind, attr, stored, _), resident in zip(self._stored[i], self._resident[i]):
+                    if kind == "_parameters":
+                        value = module._parameters[attr].data
+                        # Narrowed on the compute device, for the same reason as in _upload. Updates of values
+                        # stored in 16 bits are rounded to it, so this cast is exact.
+                        stored.copy_(value if value.dtype == stored.dtype else value.to(stored.dtype), non_blocking=True)
+                        if stream is not None:
+                            resident.record_stream(stream)  # not reused before the copy is done
+                if stream is not None:
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                    self._writeback_event[i] = event
             self._dirty.discard(i)
             self.writebacks += 1
         for module, kind, attr, stored, _ in self._stored[i]:
@@ -427,23 +442,6 @@ class BlockOffloader:
             i = self._require_active(p, "changed")
             if i is not None:
                 self._dirty.add(i)
-
-    @torch.no_grad()
-    def round_updated(self, params: Mapping[str, torch.Tensor], run_seed: int, step: int) -> None:
-        """Round the resident values of updated low-precision-stored parameters to ``storage_dtype``.
-
-        Call it right after step ``step``'s update, before anything reads the values: the forwards
-        that follow then see exactly what is written back. The rounding bits derive from
-        ``(run_seed, step, name)`` (:func:`zoft.zo.lowprec.round_updated_`); parameters stored in
-        their own dtype are left alone.
-        """
-        todo = {}
-        for name, p in params.items():
-            if id(p) in self._low:
-                self._require_active(p, "rounded")
-                todo[name] = p.data
-        if todo:
-            round_updated_(todo, self.storage_dtype, self.rounding, run_seed, step)
 
     def trajectory_info(self, zo: ZOParameters) -> dict:
         """What ``zoft replay`` needs to reproduce the storage rounding (empty without ``storage_dtype``)."""
@@ -505,7 +503,7 @@ def round_blocks_to_storage_(model: nn.Module, storage_dtype: torch.dtype) -> li
     return names
 
 
-def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1) -> None:
+def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1, masters_bytes: int = 0) -> None:
     """Refuse to offload a model whose stored blocks do not fit in CPU memory.
 
     Args:
@@ -513,21 +511,30 @@ def check_cpu_memory(needed_bytes: int, available_bytes: int, processes: int = 1
         available_bytes: the machine's available memory.
         processes: processes of the launch on this machine; each keeps its own copy (DistZO2 ranks do
             not share host memory).
+        masters_bytes: one process's fp32 masters (``method.master_weights: fp32`` on a bf16/fp16 model: they
+            stay in CPU memory with the blocks); 0 by default, where nothing beyond the weights is kept.
 
     Raises:
         ZoftError: one line with the memory needed and available.
     """
-    if needed_bytes * processes > available_bytes:
+    one = needed_bytes + masters_bytes
+    if one * processes > available_bytes:
         gib = 1024**3
+        split = f" ({needed_bytes / gib:.1f} GiB weights + {masters_bytes / gib:.1f} GiB fp32 masters)" if masters_bytes else ""
         if processes == 1:
-            need = f"the model needs about {needed_bytes / gib:.1f} GiB of CPU memory for its weights"
+            need = f"the model needs about {one / gib:.1f} GiB{split} of CPU memory"
             fixes = "use model.dtype: bfloat16, a machine with more memory, or a smaller model"
         else:
             need = (
                 f"the {processes} processes on this machine each keep the model in CPU memory: about "
-                f"{processes} x {needed_bytes / gib:.1f} = {needed_bytes * processes / gib:.1f} GiB"
+                f"{processes} x {one / gib:.1f}{split} = {one * processes / gib:.1f} GiB"
             )
             fixes = "use fewer processes per machine, model.dtype: bfloat16, a machine with more memory, or a smaller model"
+        if masters_bytes:
+            fixes = "use method.master_weights: auto (no fp32 copies), " + fixes.removeprefix("use ").replace(
+                "model.dtype: bfloat16, ", "")
+        elif processes == 1:
+            need += " for its weights"
         raise ZoftError(f"offload: {need}, only {available_bytes / gib:.1f} GiB is available; {fixes}")
 
 
@@ -589,13 +596,14 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
     offloader this happens while the block is resident, so the update needs no transfer of its own.
     :meth:`flush` applies whatever is left (before evaluation, save, and the next step's update); the
     arithmetic is :meth:`ZOParameters.apply_update`'s, so the weights equal eager MeZO's exactly.
-    With low-precision storage each updated block parameter is then rounded to the storage dtype
-    (:meth:`BlockOffloader.round_updated`): the weights equal eager MeZO's followed by that rounding.
+    With low-precision storage each updated block parameter is rounded to the storage dtype by the update
+    itself (:meth:`ZOParameters.round_to_storage`): the weights equal eager MeZO's with that rounding.
 
-    Fusion: when the forward that finds a parameter's update pending is a perturbed one, the update is
-    handed to the perturbation's swap-in (``zo.pending_update``) instead of being applied by this
-    optimizer's hook, so with the philox z generator the weights are read and written once for the
-    update of step t and the first perturbation of step t+1 (``fused_update_perturb``), not twice.
+    Fusion: when the forward that finds a parameter's update pending is a perturbed one (two-forward or
+    paired), the update is handed to the perturbation's swap-in (``zo.pending_update``) instead of being
+    applied by this optimizer's hook, so with the philox z generator the weights are read and written
+    once for the update of step t and the first perturbation of step t+1 (``fused_update_perturb``; under
+    the paired forward both perturbed copies come from that one pass), not twice.
 
     Args:
         zo, lr, weight_decay, n_directions, on_update, clip: as for :class:`MeZOOptimizer`.
@@ -618,17 +626,13 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         super().__init__(zo, lr, weight_decay, n_directions, on_update, clip)
         self.offloader = offloader
         self.fuse = fuse
-        if offloader is not None:
-            # A parameter stored in bf16/fp16 but computed in fp32 would get an fp32 master from
-            # ZOParameters(master_weights="auto"); the resident fp32 copy already does that job during
-            # the update, and a master would keep values the seeded rounding never saw.
+        if offloader is not None and offloader.storage_dtype is not None:
+            # A parameter stored in bf16/fp16 but computed in fp32: the update runs in fp32 on the resident
+            # copy and is rounded to the storage dtype before anything reads it (in the fused kernel too),
+            # so the forwards and the written-back copy see the same values. No fp32 master.
             for name, p in zo.params.items():
                 if offloader.stores_low_precision(p):
-                    zo.masters.pop(name, None)
-            if any(offloader.stores_low_precision(p) for p in zo.params.values()):
-                # The seeded rounding must see each updated value before a perturbation reads it;
-                # a fused update+perturb would perturb the unrounded value.
-                self.fuse = False
+                    zo.round_to_storage(name, offloader.storage_dtype, offloader.rounding)
         self._deferred: tuple[int, list[tuple[int, float]], float, float] | None = None
         self._unapplied: set[str] = set()
         self.applied_in_forward = 0  # parameters updated by a forward hook (not by flush)
@@ -651,12 +655,8 @@ class DeferredMeZOOptimizer(MeZOOptimizer):
         self._mark_applied(todo, in_forward)
 
     def _mark_applied(self, names: list[str], in_forward: bool) -> None:
-        step = self._deferred[0]
         self._unapplied.difference_update(names)
         if self.offloader is not None:
-            # Storage rounding (a no-op unless blocks are stored in bf16/fp16, which turns fusion off,
-            # so the update has been applied by now).
-            self.offloader.round_updated({n: self.zo.params[n] for n in names}, self.zo.run_seed, step)
             self.offloader.mark_dirty(self.zo.params[n] for n in names)
         if in_forward:
             self.applied_in_forward += len(names)

@@ -7,7 +7,9 @@ This module does it for any model, with no per-model copy of HF forward code: th
 ``[x; x]``, and every module that owns trained parameters runs its forward on the two halves apart, the
 first with ``theta + eps z`` and the second with ``theta - eps z`` from one sample of z, and returns the
 halves concatenated. Saves one pass over the weights (one upload per offloaded block) and one sampling
-of z per parameter and step; costs the activation memory of a doubled batch.
+of z per parameter and step; costs the activation memory of a doubled batch. A deferred update (ZO2)
+pending for a parameter is handed to its first pair of copies, so with philox z the update and both
+perturbed copies are one fused pass over the weight.
 """
 
 from __future__ import annotations
@@ -100,8 +102,9 @@ def paired_perturbation(
     and then ``theta - eps z`` (:meth:`ZOParameters.perturbed_pair`: one sample of z per parameter and
     call; a tied parameter keeps its pair until the context exits, so all its owners see one z), and
     returns the two outputs concatenated along dim 0 (tuples, lists and dicts of them element-wise).
-    Stored values are never modified. Forward hooks of the module (the deferred update, offloading)
-    run once around both halves, so an offloaded block is resident for both.
+    Stored values are never modified, except by a deferred update pending for a parameter
+    (``zo.pending_update``, ZO2), which is applied (fused, with philox z) as its pair is made. Forward hooks
+    of the module (offloading) run once around both halves, so an offloaded block is resident for both.
 
     Assumption: every computation outside those modules treats each sample on its own (attention,
     activations, residuals, norms and rotary embeddings without trained parameters), so the two halves
@@ -126,7 +129,8 @@ def paired_perturbation(
         seen.add(name)
         if name in shared:
             return shared[name]
-        values = zo.perturbed_pair(name, step, direction, eps)
+        update = zo.pending_update(name) if zo.pending_update is not None else None
+        values = zo.perturbed_pair(name, step, direction, eps, update)
         if name in zo._shared:
             shared[name] = values
         return values
@@ -157,6 +161,8 @@ def paired_perturbation(
     patched = []
     # After the first paired forward of the whole model, every trained parameter must have been paired.
     coverage = zo.model.register_forward_hook(lambda m, args, out: zo.check_coverage(seen))
+    # Marks a perturbed forward: the deferred optimizer's hook then leaves pending updates to pair().
+    zo._perturbing += 1
     try:
         for module, owned in zo._owners:
             # The forward found now may itself be an instance attribute (accelerate's hooks): put it back after.
@@ -165,6 +171,7 @@ def paired_perturbation(
         yield
     finally:
         coverage.remove()
+        zo._perturbing -= 1
         for module, previous in patched:
             if previous is None:
                 del module.forward

@@ -26,16 +26,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 from torch import nn
 
 from zoft.errors import ZoftError
 from zoft.kernels.zo_ops import zo_ops
+from zoft.zo.lowprec import CHUNK, RoundingBits, one_cpu_thread, rounded_write_, rounding_seed
 
 DISTRIBUTIONS = ("gaussian", "rademacher")
 Z_GENERATORS = ("torch", "philox")
+MASTER_WEIGHTS = ("auto", "fp32", "none")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
 _MAX_KERNEL_DIRECTIONS = 4  # directions one fused kernel call applies (more: several calls)
 
 
@@ -126,6 +130,58 @@ def _is_no_decay(name: str, param: torch.Tensor) -> bool:
     return param.ndim < 2 or name.endswith(".bias") or "norm" in name.lower()
 
 
+def _half_perturbed(value: torch.Tensor, z: torch.Tensor, scales: tuple[float, ...]) -> list[torch.Tensor]:
+    """``value + s * z`` for each scale ``s``, as the fp32 path computes it (``(z * s) + value`` in fp32, cast to
+    ``value``'s 16-bit dtype), one cache-sized chunk at a time: no full-size fp32 temporary beyond z, and no
+    mixed-dtype add (a slow, unvectorized loop on CPU)."""
+    outs = [torch.empty(value.shape, dtype=value.dtype, device=value.device) for _ in scales]
+    flat_v, flat_z, flat_outs = value.reshape(-1), z.view(-1), [o.view(-1) for o in outs]
+    n = flat_v.numel()
+    v32 = torch.empty(min(n, CHUNK), dtype=torch.float32, device=value.device)
+    tmp = torch.empty_like(v32)
+    with one_cpu_thread(value.device):
+        for a in range(0, n, CHUNK):
+            b = min(n, a + CHUNK)
+            v = v32[: b - a].copy_(flat_v[a:b])
+            for out, s in zip(flat_outs, scales):
+                out[a:b] = torch.mul(flat_z[a:b], s, out=tmp[: b - a]).add_(v)
+    return outs
+
+
+class _ZPrefetch:
+    """Draws the torch z of the coming ``(name, direction)`` pairs of one update on a worker thread, one ahead.
+
+    At most one z beyond the one in use is alive (the update's temporaries at most double). :meth:`take`
+    returns ``None`` for anything it was not asked to draw; the caller then draws it itself.
+    """
+
+    def __init__(self, zo: ZOParameters, step: int, order: list[tuple[str, int]]) -> None:
+        self.zo, self.step, self.order, self.next = zo, step, order, 0
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoft-z")
+        self.pending: dict[tuple[str, int], Future] = {}
+        self._submit()
+
+    def _submit(self) -> None:
+        if self.next < len(self.order):
+            name, k = self.order[self.next]
+            self.next += 1
+            p = self.zo.params[name]
+            seed = self.zo.seed(self.step, k, name)
+            self.pending[(name, k)] = self.pool.submit(
+                sample_z, p.shape, seed, device=p.device, distribution=self.zo.distribution
+            )
+
+    def take(self, step: int, name: str, direction: int) -> torch.Tensor | None:
+        future = self.pending.pop((name, direction), None) if step == self.step else None
+        if future is None:
+            return None
+        self._submit()
+        return future.result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class ZOParameters:
     """The trained parameters of a model, named, with the seeded perturbation and the ZO update.
 
@@ -134,9 +190,13 @@ class ZOParameters:
             the adapters).
         run_seed: the run's seed; every z derives from it.
         distribution: ``"gaussian"`` or ``"rademacher"``.
-        master_weights: ``"auto"`` keeps an fp32 copy of trained parameters stored in a lower
-            precision (updates of ~1e-6 vanish below bf16 resolution otherwise), ``"fp32"``
-            always, ``"none"`` never.
+        master_weights: how trained parameters stored in bf16/fp16 are updated. ``"auto"`` (default):
+            the update is computed in fp32 one chunk at a time and written back with seeded stochastic
+            rounding (:mod:`zoft.zo.lowprec`), so updates far below bf16 resolution survive in
+            expectation and nothing is kept beyond the weights; ``"fp32"``: an fp32 copy (master) of
+            each such parameter is updated and copied to it (4 more bytes per parameter); ``"none"``:
+            fp32 update math rounded to nearest (updates below half a spacing are lost). fp32
+            parameters are updated in place in fp32 under every setting.
         z_generator: ``"torch"`` (default; ``torch.Generator``, device-dependent numbers),
             ``"philox"`` (the device-independent Philox stream, through the fused kernels on CUDA) or
             ``"auto"`` (philox when the parameters are computed on CUDA, see
@@ -151,6 +211,10 @@ class ZOParameters:
         pending_update: set by :class:`zoft.zo.offload.DeferredMeZOOptimizer`: ``name -> (step,
             coefficients, lr, weight_decay)`` or ``None``, the deferred update a perturbed forward must
             apply first (with philox, fused into the perturbation: one pass instead of two).
+        rounding: ``name -> (dtype, "stochastic" | "nearest")`` for each parameter whose updated value is
+            rounded to a 16-bit dtype (no master): half-precision parameters, and offloaded blocks stored in
+            16 bits but computed in fp32 (:meth:`round_to_storage`).
+        device: where z and the rounding bits are drawn (the compute device).
     """
 
     def __init__(
@@ -173,10 +237,18 @@ class ZOParameters:
         if not self.params:
             raise ValueError("the model has no trainable parameters (requires_grad=True) to perturb")
         self.names_by_id = {id(p): n for n, p in self.params.items()}
+        if master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"unknown master_weights {master_weights!r}; expected one of {MASTER_WEIGHTS}")
+        self.master_weights = master_weights
         self.masters: dict[str, torch.Tensor] = {}
+        self.rounding: dict[str, tuple[torch.dtype, str]] = {}
         for name, p in self.params.items():
-            if master_weights == "fp32" or (master_weights == "auto" and p.dtype != torch.float32):
+            if p.dtype not in _HALF_DTYPES:
+                continue  # fp32 (or wider) parameters are updated in place, as they always were
+            if master_weights == "fp32":
                 self.masters[name] = p.detach().to(torch.float32).clone()
+            else:
+                self.rounding[name] = (p.dtype, "stochastic" if master_weights == "auto" else "nearest")
         # The modules whose forward swaps in a trained parameter's perturbed value (a tied parameter has
         # several): see perturbation_owners.
         self._owners: list[tuple[nn.Module, list[tuple[str, str]]]] = perturbation_owners(model, self.names_by_id)
@@ -195,6 +267,7 @@ class ZOParameters:
         )
         self.z_generator_requested = z_generator
         self.z_generator = resolve_z_generator(z_generator, on_cuda)
+        self.device = torch.device(compute_device) if compute_device is not None else next(iter(self.params.values())).device
         offloaded_to_cuda = compute_device is not None and torch.device(compute_device).type == "cuda"
         if self.z_generator == "torch" and offloaded_to_cuda and any(m.device.type != "cuda" for m in self.masters.values()):
             # The fp32 masters stay in CPU memory while the blocks compute on the GPU: the update would draw z
@@ -209,6 +282,7 @@ class ZOParameters:
         self.pending_update: Callable[[str], tuple[int, list[tuple[int, float]], float, float] | None] | None = None
         self._perturbing = 0
         self._coverage_checked = False  # check_coverage passed once
+        self._prefetch: _ZPrefetch | None = None
 
     def adopt_z_generator(self, recorded: str) -> None:
         """Continue a run with the z generator it was started with (on resume from a checkpoint).
@@ -237,6 +311,10 @@ class ZOParameters:
         """z of a parameter for (step, direction), materialized in fp32 on the parameter's device."""
         p = self.params[name]
         self.z_generations += 1
+        if self._prefetch is not None:
+            ready = self._prefetch.take(step, name, direction)
+            if ready is not None:
+                return ready
         seed = self.seed(step, direction, name)
         if self.z_generator == "torch":
             return sample_z(p.shape, seed, device=p.device, distribution=self.distribution)
@@ -295,6 +373,8 @@ class ZOParameters:
             ops = zo_ops(p.device)
             return ops.perturbed_copy(value, self.seed(step, direction, name), scale, out, rademacher=self._rademacher)
         z = self.z(name, step, direction)
+        if value.dtype in _HALF_DTYPES and value.dtype == p.dtype:
+            return _half_perturbed(value, z, (scale,))[0]
         if value.dtype == torch.float64:
             z = z.to(torch.float64)
         # z becomes the temporary: z * scale + theta in at least fp32, then cast to the storage dtype.
@@ -311,16 +391,49 @@ class ZOParameters:
             and name not in self._constrained
         )
 
-    def perturbed_pair(self, name: str, step: int, direction: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def perturbed_pair(
+        self,
+        name: str,
+        step: int,
+        direction: int,
+        eps: float,
+        update: tuple[int, list[tuple[int, float]], float, float] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(theta + eps z, theta - eps z)`` from one sample of z, for the paired forward
-        (:mod:`zoft.zo.paired`); each equals :meth:`perturbed_value` with ``+eps`` / ``-eps`` bit for bit."""
+        (:mod:`zoft.zo.paired`); each equals :meth:`perturbed_value` with ``+eps`` / ``-eps`` bit for bit.
+
+        ``update``: a deferred update to apply first, as for :meth:`perturbed_value`. With philox and a
+        kernel-ready tensor the update and both perturbed copies are one pass over the weight (one read and
+        one write of it, z in registers on CUDA): the paired forward's share of ZO2's fused pass.
+        """
         p = self.params[name]
+        if update is not None:
+            target = self.masters.get(name, p.data)
+            if self._can_fuse(name, target):
+                plus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                minus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+                self._philox_update(name, target, *update, pert=(self.seed(step, direction, name), eps, plus), minus=minus)
+                self._sync_master(name)
+                return plus, minus
+            self.apply_update(*update, names=[name])
         value = self.value(name)
         if self.z_generator == "philox" and _kernel_ready(value) and p.dtype in _KERNEL_DTYPES:
-            # Two kernel passes with z in registers (CUDA) beat one materialized z there, and round
-            # exactly like perturbed_value.
-            return self.perturbed_value(name, step, direction, +eps), self.perturbed_value(name, step, direction, -eps)
+            # One kernel pass writes both copies (z in registers on CUDA); they round exactly like
+            # perturbed_value's. The weight itself is only read.
+            self.weight_passes += 1
+            self.z_generations += 1
+            value = value.to(p.device)
+            plus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            minus = torch.empty(p.shape, dtype=p.dtype, device=p.device)
+            zo_ops(p.device).fused_update_perturb(
+                value, [], [], 0.0, self.seed(step, direction, name), eps, plus, out_minus=minus, rademacher=self._rademacher
+            )
+            return plus, minus
         z = self.z(name, step, direction)
+        self.weight_passes += 1  # the weight is read once for both copies
+        if value.dtype in _HALF_DTYPES and value.dtype == p.dtype:
+            plus, minus = _half_perturbed(value, z, (eps, -eps))
+            return plus, minus
         if value.dtype == torch.float64:
             z = z.to(torch.float64)
         plus = torch.mul(z, eps).add_(value)
@@ -401,6 +514,16 @@ class ZOParameters:
 
     # -- the update -----------------------------------------------------------------------------
 
+    def round_to_storage(self, name: str, dtype: torch.dtype, rounding: str) -> None:
+        """Round ``name``'s updated values to ``dtype``: a parameter stored in ``dtype`` but computed in a
+        wider one (ZO2's AMP mode, :class:`zoft.zo.offload.BlockOffloader`). Drops its fp32 master."""
+        self.masters.pop(name, None)
+        self.rounding[name] = (dtype, rounding)
+
+    def round_seed(self, step: int, name: str, group: int = 0) -> int:
+        """The seed of the rounding bits of ``name`` after step ``step``'s update (:func:`rounding_seed`)."""
+        return rounding_seed(self.run_seed, step, name, group)
+
     @torch.no_grad()
     def apply_update(
         self,
@@ -416,25 +539,111 @@ class ZOParameters:
         direction k already divided by the number of directions. Biases and norm weights get no
         decay. The same call is used by training and by ``zoft replay``, so both round alike. With the
         philox generator the update runs through ``zo_ops(target.device)`` (``fused_update_perturb``
-        without a perturbation: z is never materialized on CUDA).
+        without a perturbation: z is never materialized on CUDA). A parameter in :attr:`rounding` gets
+        the update computed in fp32 and rounded to its dtype once (stochastically: seeded by
+        :meth:`round_seed`); an fp32 parameter is updated in place in fp32.
         """
-        for name in names if names is not None else self.params:
-            p = self.params[name]
-            target = self.masters.get(name, p.data)
-            if self.z_generator == "philox":
-                if self._philox_update(name, target, step, coefficients, lr, weight_decay):
-                    self._sync_master(name)
-                continue
-            wd = 0.0 if _is_no_decay(name, p) else weight_decay
-            if lr * wd != 0.0:
-                target.mul_(1.0 - lr * wd)
-                self.weight_passes += 1
-            for direction, coef in coefficients:
-                if lr * coef != 0.0:
-                    target.add_(self.z(name, step, direction), alpha=-lr * coef)
-                    self.weight_passes += 1
-            self._sync_master(name)
+        names = list(names if names is not None else self.params)
+        with self._prefetching(step, [(n, k) for n in names for k, c in coefficients if lr * c != 0.0]):
+            for name in names:
+                self._update_one(name, step, coefficients, lr, weight_decay)
         self._constrain()
+
+    @contextlib.contextmanager
+    def _prefetching(self, step: int, order: list[tuple[str, int]]) -> Iterator[None]:
+        # torch.randn on CPU runs on one core: a worker thread draws the next tensor's z while this thread
+        # applies the current one (the fp32 arithmetic and, for bf16/fp16, the rounding), so the update costs
+        # about its z draws alone. The numbers do not change: each z has its own generator.
+        use = self.z_generator == "torch" and self.device.type == "cpu" and len(order) > 1 and torch.get_num_threads() > 1
+        if not use or self._prefetch is not None:
+            yield
+            return
+        self._prefetch = _ZPrefetch(self, step, order)
+        try:
+            yield
+        finally:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _update_one(self, name: str, step: int, coefficients: list[tuple[int, float]], lr: float, weight_decay: float):
+        p = self.params[name]
+        target = self.masters.get(name, p.data)
+        if self.z_generator == "philox":
+            if self._philox_update(name, target, step, coefficients, lr, weight_decay):
+                self._sync_master(name)
+            return
+        if name in self.rounding:
+            self.rounded_update(name, step, coefficients, lr, weight_decay)
+            return
+        wd = 0.0 if _is_no_decay(name, p) else weight_decay
+        if lr * wd != 0.0:
+            target.mul_(1.0 - lr * wd)
+            self.weight_passes += 1
+        for direction, coef in coefficients:
+            if lr * coef != 0.0:
+                target.add_(self.z(name, step, direction), alpha=-lr * coef)
+                self.weight_passes += 1
+        self._sync_master(name)
+
+    @torch.no_grad()
+    def rounded_update(
+        self,
+        name: str,
+        step: int,
+        coefficients: list[tuple[int, float]],
+        lr: float,
+        weight_decay: float,
+        dense: tuple[torch.Tensor, float] | None = None,
+    ) -> bool:
+        """``round(theta * (1 - lr wd) - c * dense - sum_k lr c_k z_k)`` in fp32, written back chunk by chunk.
+
+        The plain-torch path of a parameter in :attr:`rounding` (torch z, or philox z of a tensor the
+        kernels do not take). ``dense``: ``(tensor, c)``, a term subtracted before the z terms (Addax's
+        first-order gradient). Torch z is materialized whole (its stream is not addressable by offset);
+        philox z, the fp32 accumulator and the rounding bits one chunk at a time. One pass over the weight.
+        Returns whether it was written (not when every term is zero: lr = 0 leaves it untouched).
+        """
+        p = self.params[name]
+        dtype, rounding = self.rounding[name]
+        wd_coef = lr * (0.0 if _is_no_decay(name, p) else weight_decay)
+        terms = [(k, lr * c) for k, c in coefficients if lr * c != 0.0]
+        if dense is not None and dense[1] == 0.0:
+            dense = None
+        if wd_coef == 0.0 and not terms and dense is None:
+            return False
+        target = p.data
+        work = target if target.is_contiguous() else target.contiguous()
+        flat = work.view(-1)
+        dense_flat = None if dense is None else dense[0].detach().reshape(-1)
+        if self.z_generator == "torch":
+            zs = [self.z(name, step, k).view(-1) for k, _ in terms]
+
+            def z_chunk(i: int, a: int, b: int) -> torch.Tensor:
+                return zs[i][a:b]
+        else:
+            ops, seeds = zo_ops(work.device), [self.seed(step, k, name) for k, _ in terms]
+            self.z_generations += len(terms)
+
+            def z_chunk(i: int, a: int, b: int) -> torch.Tensor:
+                zeros = torch.zeros(b - a, dtype=torch.float32, device=work.device)
+                return ops.perturbed_copy(zeros, seeds[i], 1.0, zeros, offset=a, rademacher=self._rademacher)
+
+        def compute(a: int, b: int, acc: torch.Tensor) -> torch.Tensor:
+            acc.copy_(flat[a:b])
+            if wd_coef != 0.0:
+                acc.mul_(1.0 - wd_coef)
+            if dense_flat is not None:
+                acc.add_(dense_flat[a:b].float(), alpha=-dense[1])  # fp32 first: one vectorized add, as for z
+            for i, (_, c) in enumerate(terms):
+                acc.add_(z_chunk(i, a, b), alpha=-c)
+            return acc
+
+        bits = RoundingBits(self.round_seed(step, name), work.device, self.z_generator) if rounding == "stochastic" else None
+        rounded_write_(work, compute, dtype, rounding, bits)
+        if work is not target:
+            target.copy_(work)
+        self.weight_passes += 1
+        return True
 
     def _sync_master(self, name: str) -> None:
         if name in self.masters:
@@ -450,18 +659,25 @@ class ZOParameters:
         lr: float,
         weight_decay: float,
         pert: tuple[int, float, torch.Tensor] | None = None,
+        minus: torch.Tensor | None = None,
     ) -> bool:
         """The update of ``target`` with philox z, optionally fused with a perturbed copy into ``pert[2]``.
 
         In fp32: ``target * (1 - lr * wd) - sum_k (lr * c_k) z_k``, the directions applied 4 per kernel
-        call in order (the decay in the first call), the perturbation ``(seed, scale, out)`` in the last.
-        The fused and unfused calls round identically, so deferring and fusing never changes the bits.
-        Returns whether ``target`` was written (not with lr = 0).
+        call in order (the decay in the first call), the perturbation ``(seed, scale, out)`` in the last
+        (and ``minus``, the ``-scale`` copy of the paired forward, from the same z). A parameter in
+        :attr:`rounding` is rounded to its dtype at the end of each call (stochastically with the bits of
+        ``round_seed(step, name, call)``), in the kernel. The fused and unfused calls round identically,
+        so deferring and fusing never changes the bits. Returns whether ``target`` was written (not with
+        lr = 0).
         """
         p = self.params[name]
         wd_coef = lr * (0.0 if _is_no_decay(name, p) else weight_decay)
         terms = [(self.seed(step, k, name), lr * c) for k, c in coefficients if lr * c != 0.0]
+        rounding = None if name in self.masters else self.rounding.get(name)
         if not _kernel_ready(target):  # e.g. float64 or non-contiguous: materialize z, same order of terms
+            if rounding is not None:
+                return self.rounded_update(name, step, coefficients, lr, weight_decay)
             if wd_coef != 0.0:
                 target.mul_(1.0 - wd_coef)
                 self.weight_passes += 1
@@ -479,9 +695,13 @@ class ZOParameters:
             out = pert if i == len(chunks) - 1 else None
             if not chunk and decay == 0.0 and out is None:
                 continue  # nothing to do: no pass (lr = 0 leaves the weights untouched)
-            written = True
+            written = written or bool(chunk) or decay != 0.0
             self.weight_passes += 1
             self.z_generations += len(chunk) + (out is not None)
+            extra = {}
+            if rounding is not None:
+                extra["round_dtype"] = rounding[0]
+                extra["round_seed"] = self.round_seed(step, name, i) if rounding[1] == "stochastic" else None
             ops.fused_update_perturb(
                 target,
                 [s for s, _ in chunk],
@@ -491,6 +711,8 @@ class ZOParameters:
                 0.0 if out is None else out[1],
                 None if out is None else out[2],
                 rademacher=self._rademacher,
+                out_minus=minus if out is not None else None,
+                **extra,
             )
         return written
 

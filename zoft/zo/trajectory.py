@@ -3,12 +3,14 @@
 Because every z derives from (run seed, step, direction, parameter name), the scalars
 ``(step, lr, weight decay, per-direction coefficient)`` are all that is needed to rebuild the
 fine-tuned weights from the base model (:func:`replay_updates`). With the torch z generator that is
-exact on the same device type and dtype; with the philox generator (``z_generator`` in the header) on
-any device, bit for bit for Rademacher z and to a few ulp per z for Gaussian z between the CUDA
-kernels and the CPU reference. The first line is a header describing the run; each later line is one
-step.
-A run whose offloaded blocks were stored in bf16/fp16 (ZO2's AMP mode) records that under
-``storage``, and replay rounds the same parameters with the same seeds after each update.
+exact on the same device type and dtype (replay refuses another device type: ``rng_device`` in the
+header); with the philox generator (``z_generator`` in the header) on any device, bit for bit for
+Rademacher z and to a few ulp per z for Gaussian z between the CUDA kernels and the CPU reference. The
+rounding bits of half-precision weights come from the same kind of generator as z, so they follow the
+same rule. The first line is a header describing the run; each later line is one step.
+The header records how each trained parameter's updates were rounded (``rounding``); a run whose
+offloaded blocks were stored in bf16/fp16 (ZO2's AMP mode) also records that under ``storage``, and
+replay rounds the same parameters with the same seeds in each update.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from zoft.errors import ZoftError
-from zoft.zo.lowprec import ROUNDINGS, STORAGE_DTYPES, round_updated_
+from zoft.zo.lowprec import ROUNDINGS, STORAGE_DTYPES
 from zoft.zo.perturb import ZOParameters
 
 FORMAT_VERSION = 1
@@ -96,11 +98,38 @@ def storage_rounding(header: dict) -> tuple[torch.dtype, str, list[str]] | None:
     return dtype, rounding, list(storage.get("rounded", []))
 
 
+def check_replay_device(header: dict, zo: ZOParameters) -> None:
+    """Refuse to replay a run whose z (and rounding bits) this device would draw differently.
+
+    torch.Generator's numbers differ between CPU and CUDA; the philox stream does not.
+
+    Raises:
+        ZoftError: one line naming the run's device and generator and what to use.
+    """
+    run_device = header.get("rng_device", "cpu")
+    here = zo.device.type
+    if recorded_z_generator(header) == "torch" and run_device != here:
+        raise ZoftError(
+            f"trajectory: the run drew z and rounding bits with torch.Generator on {run_device}, whose numbers differ "
+            f"on {here}, so replay here would rebuild other weights; replay on a {run_device} machine, or train with "
+            "method.z_generator: philox (the same numbers on every device)"
+        )
+
+
+def rounding_of(zo: ZOParameters) -> dict[str, list[str]]:
+    """How each rounded parameter's updates are rounded: ``name -> [dtype, "stochastic" | "nearest"]``."""
+    return {n: [str(d).removeprefix("torch."), mode] for n, (d, mode) in sorted(zo.rounding.items())}
+
+
 def replay_updates(zo: ZOParameters, header: dict, records: Iterable[dict]) -> int:
     """Apply the logged updates to freshly loaded parameters; returns the number of steps applied.
 
     With a ``storage`` header (ZO2 with bf16/fp16 storage) the rounded parameters start rounded to
-    nearest, as the offloader stored them, and are rounded after every update as the run rounded them.
+    nearest, as the offloader stored them, and each update rounds them as the run did.
+
+    Raises:
+        ZoftError: other trained parameters, another device for a torch-generator run, or another rounding
+            of the updates than the run's (e.g. another model.dtype or method.master_weights).
     """
     expected = header.get("trained", {})
     actual = {n: list(p.shape) for n, p in zo.params.items()}
@@ -109,26 +138,33 @@ def replay_updates(zo: ZOParameters, header: dict, records: Iterable[dict]) -> i
             "the rebuilt model's trained parameters differ from the run's (names or shapes); "
             "replay needs the same model, adapter and zoft version as the run"
         )
+    check_replay_device(header, zo)
     storage = storage_rounding(header)
-    rounded: dict[str, torch.Tensor] = {}
     if storage is not None:
         dtype, rounding, names = storage
         unknown = [n for n in names if n not in zo.params]
         if unknown:
             raise ZoftError(f"trajectory: rounded parameter {unknown[0]!r} is not trained in the rebuilt model")
-        rounded = {n: zo.value(n) for n in names}
-        bad = [n for n, t in rounded.items() if t.dtype != torch.float32]
+        bad = [n for n in names if zo.value(n).dtype != torch.float32]
         if bad:
             raise ZoftError(f"trajectory: {bad[0]!r} must be float32 to replay {dtype} storage (set model.dtype: float32)")
-        round_updated_(rounded, dtype, "nearest", zo.run_seed, -1)
+        with torch.no_grad():
+            for n in names:  # the offloader stored them rounded to nearest
+                zo.params[n].data.copy_(zo.params[n].data.to(dtype))
+                zo.round_to_storage(n, dtype, rounding)
+    if "rounding" in header and header["rounding"] != rounding_of(zo):
+        ours = rounding_of(zo)
+        name = next(n for n in sorted(set(header["rounding"]) | set(ours)) if header["rounding"].get(n) != ours.get(n))
+        raise ZoftError(
+            f"trajectory: the run rounded the updates of {name!r} as {header['rounding'].get(name, 'fp32 (none)')}, "
+            f"this replay would use {rounding_of(zo).get(name, 'fp32 (none)')}; replay with the run's recipe "
+            "(model.dtype, method.master_weights)"
+        )
     n = 0
     for record in records:
         coefficients = [(int(k), float(c)) for k, c in record["coefficients"]]
         zo.apply_update(record["step"], coefficients, float(record["lr"]), float(record["weight_decay"]))
-        if rounded:
-            round_updated_(rounded, dtype, rounding, zo.run_seed, record["step"])
         n += 1
-    _sync_masters(zo, rounded)
     return n
 
 
@@ -137,21 +173,15 @@ def recorded_z_generator(header: dict) -> str:
     return header.get("z_generator", "torch")
 
 
-def _sync_masters(zo: ZOParameters, rounded: dict[str, torch.Tensor]) -> None:
-    # A rounded value held in an fp32 master must reach the parameter the model saves.
-    with torch.no_grad():
-        for name in rounded:
-            if name in zo.masters:
-                zo.params[name].data.copy_(zo.masters[name])
-
-
 def trajectory_header(zo: ZOParameters, **extra) -> dict:
     return {
         "run_seed": zo.run_seed,
         "distribution": zo.distribution,
         "z_generator": zo.z_generator,
         "master_weights": sorted(zo.masters),
-        "rng_device": str(next(iter(zo.params.values())).device.type),
+        "rounding": rounding_of(zo),
+        # Where z and the rounding bits are drawn: the compute device (with offload, not where blocks are stored).
+        "rng_device": zo.device.type,
         "trained": {n: [list(p.shape), str(p.dtype)] for n, p in zo.params.items()},
         **extra,
     }
