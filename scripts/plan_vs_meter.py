@@ -47,6 +47,7 @@ EXTRA = {
     "zo2_offload_bf16_storage": ("zo2_offload.yaml", ["offload.storage_dtype=bfloat16"]),
 }
 PROCESSES = {"distzo2_pertp": 2}  # rows launched with torchrun (per-process peak)
+FIXED_MMAP_THRESHOLD = True  # --default-malloc turns it off
 
 
 def rows(only: list[str] | None) -> dict[str, tuple[Path, list[str]]]:
@@ -81,6 +82,8 @@ def meter_overrides(name: str, path: Path, extra: list[str], steps: int, out: st
     ]
     if recipe.data.format == "classification" and recipe.method.name != "addax":
         over.append(f"data.template={json.dumps(LONG_TEMPLATE)}")
+    if recipe.privacy is not None:  # Poisson batches vary around their mean; fixed ones are the planned batch
+        over.append("privacy.sampling=shuffle")
     return over
 
 
@@ -93,8 +96,15 @@ def _peak_of(argv: list[str], env: dict, log: Path) -> tuple[int, float]:
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
-            "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "TOKENIZERS_PARALLELISM": "false"}
+    if FIXED_MMAP_THRESHOLD:
+        # glibc serves allocations above this from mmap and returns them on free. Its default threshold starts
+        # at 128 KiB but rises to the size of the largest freed block (up to 32 MiB), after which freed
+        # activations stay in its heap and RSS stays at the high-water mark of the heap, not of live
+        # tensors. Fixing it makes peak RSS count live tensors, as CUDA's max_memory_allocated does.
+        env["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    return env
 
 
 def measure(name: str, path: Path, over: list[str], out: str) -> dict:
@@ -157,12 +167,16 @@ def main() -> None:
     p.add_argument("--measured", help="read measurements from this JSON (from --json) instead of running")
     p.add_argument("--json", help="write the measurements to this JSON")
     p.add_argument("--out", default=None, help="folder for run outputs and logs (default: a temporary folder)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's dynamic mmap threshold on (RSS then also holds freed activations)")
     p.add_argument("--baseline-worker", help=argparse.SUPPRESS)  # JSON: [recipe path, overrides...]
     a = p.parse_args()
     if a.baseline_worker:
         path, *over = json.loads(a.baseline_worker)
         baseline_worker(path, over)
         return
+    global FIXED_MMAP_THRESHOLD
+    FIXED_MMAP_THRESHOLD = not a.default_malloc
     out = a.out or tempfile.mkdtemp(prefix="zoft_plan_meter_")
     Path(out).mkdir(parents=True, exist_ok=True)
     table = rows(a.only.split(",") if a.only else None)
@@ -173,7 +187,8 @@ def main() -> None:
         data = json.loads(Path(a.measured).read_text())
     else:
         imports, base = baseline(out)
-        data = {"baseline_imports_mib": imports, "baseline_mib": base, "rows": {}}
+        data = {"baseline_imports_mib": imports, "baseline_mib": base, "rows": {},
+                "malloc": "default" if a.default_malloc else "MALLOC_MMAP_THRESHOLD_=131072"}
         for name, (path, extra) in table.items():
             over = meter_overrides(name, path, extra, a.steps, out)
             data["rows"][name] = measure(name, path, over, out)
@@ -182,7 +197,8 @@ def main() -> None:
         if a.json:
             Path(a.json).write_text(json.dumps(data, indent=1))
     base = data["baseline_mib"]
-    print(f"\nbaseline: {data['baseline_imports_mib']:.0f} MiB (imports only), {base:.0f} MiB (imports, tokenizer, "
+    print(f"\nallocator: {data.get('malloc')}")
+    print(f"baseline: {data['baseline_imports_mib']:.0f} MiB (imports only), {base:.0f} MiB (imports, tokenizer, "
           "data): subtracted from every measured peak\n")
     print("| recipe | plan (setting) | planned MiB | measured peak - baseline MiB | measured / planned |")
     print("|---|---|---:|---:|---:|")

@@ -564,6 +564,9 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
     est.loading["checkpoint (mapped while loading)"] = shape.total_params * ckpt_b
     if ckpt_b != b:
         est.loading[f"weights converted to {s.dtype}"] = shape.total_params * b
+    if not s.cuda and s.processes > 1:
+        # a CPU launch: HF Trainer's model.to(<the rank's device>) copies every weight out of the mapped file
+        est.loading["weights copied to the rank's device"] = shape.total_params * b
     if s.method == "qzo":
         est.loading["NF4 codes and scales (while quantizing)"] = sum(
             v for k_, v in est.gpu.items() if k_.startswith("weights (NF4") or k_.startswith("weights (fp32")
