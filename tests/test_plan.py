@@ -351,6 +351,20 @@ def test_cli_plan_prints_the_table_and_honours_master_weights(tiny_llama_dir, se
     assert capsys.readouterr().out.startswith("zoft plan: mezo full + offload (bfloat16 storage)")
 
 
+def _overrides(change):
+    """`a.b: 1, c: {d: e}` -> ["a.b=1", "c={d: e}"]: a plan's change, as command-line overrides."""
+    parts, depth, cur = [], 0, ""
+    for ch in change + ",":
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            key, _, value = cur.strip().partition(": ")
+            parts.append(f"{key}={value}")
+            cur = ""
+        else:
+            cur += ch
+    return parts
+
+
 def test_cli_plan_that_does_not_fit_names_the_change_that_would(tiny_llama_dir, sentiment_csv, tmp_path, capsys):
     from zoft.cli import main
     from zoft.config import load_recipe
@@ -360,12 +374,17 @@ def test_cli_plan_that_does_not_fit_names_the_change_that_would(tiny_llama_dir, 
                         train={"per_device_train_batch_size": 16})
     plan = plan_of_recipe(load_recipe(path), cuda=True)
     mezo = next(e for e in plan.alternatives if e.change == "method.name: mezo")
-    assert mezo.gpu_total < plan.chosen.gpu_total
     gpu = (mezo.gpu_total + plan.chosen.gpu_total) // 2  # room for MeZO, not for AdamW
     assert main(["plan", path, "--gpu-memory", str(gpu), "--cpu-memory", "64GB"]) == 0
     out = capsys.readouterr().out
     assert "verdict: adamw full does not fit (needs about" in out
-    assert "recommendation: mezo full fits: set `method.name: mezo` in the recipe" in out
+    fitting = [e for e in plan.alternatives if e.gpu_total <= gpu]
+    assert mezo in fitting and all(f"{e.label}: set `{e.change}`" in out for e in fitting)
+    best = fitting[0]
+    assert f"recommendation: {best.label} fits: set `{best.change}` in the recipe" in out
+    # the named change, made to the recipe, is the setting that was planned
+    changed = plan_of_recipe(load_recipe(path, _overrides(best.change)), cuda=True).chosen
+    assert changed.gpu_total == best.gpu_total <= gpu
     assert main(["plan", path, "--gpu-memory", "1KiB", "--cpu-memory", "64GB"]) == 0
     assert "recommendation: none of these settings fits, at any batch size" in capsys.readouterr().out
 

@@ -289,7 +289,20 @@ class Setting:
             extra += " + checkpointing"
         if self.dtype != "float32" and self.method != "qzo":
             extra += f", {self.dtype}"
+        if self.zeroth_order and self.master_bytes:
+            extra += " + fp32 masters"
         return f"{name}{what}{extra}"
+
+    @property
+    def trained_dtype_bytes(self) -> int:
+        return 4 if (self.lora or self.method == "qzo") else DTYPE_BYTES[self.dtype]  # peft: fp32 adapters
+
+    @property
+    def master_bytes(self) -> int:
+        """fp32 master bytes per trained parameter (none with 16-bit block storage: the fp32 copy is resident)."""
+        if not self.zeroth_order or (self.offload and self.storage_dtype):
+            return 0
+        return _master_bytes_per_param(self.master_weights, self.trained_dtype_bytes)
 
 
 @dataclass
@@ -487,8 +500,7 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
     # -- fp32 masters of what a ZO method trains (method.master_weights); none with 16-bit block storage,
     # where the resident fp32 copy is what is updated
     if zo:
-        mw = "none" if (s.offload and s.storage_dtype) else s.master_weights
-        per = _master_bytes_per_param(mw, trained_b)
+        per = s.master_bytes
         if per:
             if s.offload:  # masters are made where the weights are stored: blocks' on the host
                 in_blocks = trained if s.lora else shape.block_params
@@ -701,7 +713,8 @@ class Plan:
 
 
 def _variants(s: Setting, shape: ModelShape) -> list[tuple[Setting, str]]:
-    """Settings one recipe change away from ``s`` (each with the change, as recipe keys)."""
+    """Settings one recipe change away from ``s`` (each with the change, as recipe keys), the changes that keep
+    the method's arithmetic first (offload, checkpointing), then those that change what is stored or trained."""
     out: list[tuple[Setting, str]] = []
     zo_ok = s.privacy is None and not s.lora_ga and s.lora_pro is None and s.wta_ratio is None
     if s.zeroth_order:
@@ -709,28 +722,26 @@ def _variants(s: Setting, shape: ModelShape) -> list[tuple[Setting, str]]:
             out.append((replace(s, offload=True, paired=None), "offload: cpu"))
         if s.offload and s.dtype == "float32" and not s.storage_dtype:
             out.append((replace(s, storage_dtype="bfloat16"), "offload: {storage_dtype: bfloat16}"))
-        if not s.lora and s.method == "mezo":
-            out.append((replace(s, lora=True), "peft: {method: lora}"))
-        mw = "none" if (s.offload and s.storage_dtype) else s.master_weights
-        trained_b = 4 if (s.lora or s.method == "qzo") else DTYPE_BYTES[s.dtype]
-        if _master_bytes_per_param(mw, trained_b):
+        if s.master_bytes:
             out.append((replace(s, master_weights="none"), "method.master_weights: none"))
     else:
-        if zo_ok:
-            mezo = replace(s, method="mezo", galore=None, gradient_checkpointing=False, addax=None)
-            out.append((mezo, "method.name: mezo"))
-            out.append((replace(mezo, offload=True, paired=None, lora=False), "method.name: mezo, offload: cpu (no peft)"))
-        if not s.lora and s.method != "natural_galore":
-            out.append((replace(s, lora=True), "peft: {method: lora}"))
         if not s.gradient_checkpointing:
             out.append((replace(s, gradient_checkpointing=True), "train.gradient_checkpointing: true"))
         if s.method == "natural_galore" and not (s.galore or {}).get("layerwise"):
             out.append((replace(s, galore={**(s.galore or {}), "layerwise": True}), "method.layerwise: true"))
+    if s.dtype == "float32" and s.method != "qzo" and not (s.offload and s.storage_dtype):
+        out.append((replace(s, dtype="bfloat16"), "model.dtype: bfloat16"))
+    if not s.lora and s.method in ("mezo", "adamw", "sgd"):
+        out.append((replace(s, lora=True), "peft: {method: lora}"))
+    if not s.zeroth_order:
         if s.method == "adamw" and not s.lora:
             out.append((replace(s, method="natural_galore", galore={"rank": 128, "history": 20}),
                         "method.name: natural_galore"))
-    if s.dtype == "float32" and s.method != "qzo" and not (s.offload and s.storage_dtype):
-        out.append((replace(s, dtype="bfloat16"), "model.dtype: bfloat16"))
+        if zo_ok:
+            mezo = replace(s, method="mezo", galore=None, gradient_checkpointing=False, addax=None)
+            out.append((mezo, "method.name: mezo"))
+            if not s.lora:
+                out.append((replace(mezo, offload=True, paired=None), "method.name: mezo, offload: cpu"))
     if s.method == "mezo" and not s.offload and shape.nf4_linear_weights and zo_ok and not s.lora:
         out.append((replace(s, method="qzo"), "method.name: qzo, model.quantization: nf4"))
     return out
@@ -812,7 +823,7 @@ def render(plan: Plan, *, device: str, gpu_free: int, cpu_free: int, cuda: bool)
     per = f" (per process; {n} processes on this machine)" if n > 1 else ""
     lines = [f"zoft plan: {chosen.label}{per}", "", "| memory | GPU GiB | CPU GiB |", "|---|---:|---:|"]
     for key, value in chosen.gpu.items():
-        lines.append(f"| {key} | {_gib(value)} | {_gib(chosen.cpu.get(key, 0))} |")
+        lines.append(f"| {key} | {_gib(value)} | {_gib(chosen.cpu[key]) if key in chosen.cpu else '-'} |")
     for part, where in ((chosen.train, "training step"), (chosen.evaluation, "evaluation")):
         for key, value in part.items():
             lines.append(f"| {key} [{where}] | {_gib(value)} | - |")
