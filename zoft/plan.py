@@ -309,15 +309,17 @@ class Setting:
 class Estimate:
     """Peak memory of one setting, in bytes, by what holds it.
 
-    ``gpu`` holds what the compute device keeps throughout; ``train`` what only a training step adds and
-    ``evaluation`` what only an evaluation forward adds (they never coexist: the device peak takes the
-    larger); ``cpu`` the host memory held while training; ``loading`` the host memory while the weights load.
+    ``gpu`` holds what the compute device keeps throughout; ``train`` what a forward and backward add,
+    ``step`` what the optimizer step adds after the backward freed the activations, ``evaluation`` what an
+    evaluation forward adds (these never coexist: the device peak takes the largest); ``cpu`` the host
+    memory held while training; ``loading`` the host memory while the weights load.
     On a machine without CUDA the compute device is host memory too (:meth:`peak_on_cpu_device`).
     """
 
     label: str
     gpu: dict[str, int] = field(default_factory=dict)
     train: dict[str, int] = field(default_factory=dict)
+    step: dict[str, int] = field(default_factory=dict)  # the optimizer step: gradients, its temporaries
     evaluation: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, int] = field(default_factory=dict)
     loading: dict[str, int] = field(default_factory=dict)
@@ -327,7 +329,8 @@ class Estimate:
     @property
     def gpu_total(self) -> int:
         """Peak of the compute device: what stays, plus the larger of a training step and an evaluation."""
-        return sum(self.gpu.values()) + max(sum(self.train.values()), sum(self.evaluation.values()))
+        phases = (self.train, self.step, self.evaluation)
+        return sum(self.gpu.values()) + max(sum(p.values()) for p in phases)
 
     @property
     def cpu_total(self) -> int:
@@ -558,11 +561,9 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
             step_temp = trained * trained_b if s.cuda else largest * trained_b
         else:
             step_temp = 0
-        if step_temp:
-            # the optimizer step runs after the backward has freed the activations
-            est.train["activations (kept for backward)"] = max(
-                est.train["activations (kept for backward)"], step_temp
-            )
+        if step_temp:  # the optimizer step runs after the backward has freed the activations
+            est.step = {k: v for k, v in est.train.items() if k.startswith("gradients")}
+            est.step["optimizer step temporaries"] = step_temp
         if s.lora_ga:
             # LoRA-GA's initialization: the summed fp32 gradient of every adapted base weight, before training
             est.train["LoRA-GA init: fp32 gradient sums (once)"] = shape.lora_base_params * 4
@@ -824,8 +825,11 @@ def render(plan: Plan, *, device: str, gpu_free: int, cpu_free: int, cuda: bool)
     lines = [f"zoft plan: {chosen.label}{per}", "", "| memory | GPU GiB | CPU GiB |", "|---|---:|---:|"]
     for key, value in chosen.gpu.items():
         lines.append(f"| {key} | {_gib(value)} | {_gib(chosen.cpu[key]) if key in chosen.cpu else '-'} |")
-    for part, where in ((chosen.train, "training step"), (chosen.evaluation, "evaluation")):
+    for part, where in ((chosen.train, "training step"), (chosen.step, "optimizer step"),
+                        (chosen.evaluation, "evaluation")):
         for key, value in part.items():
+            if where == "optimizer step" and key in chosen.train:
+                continue  # the gradients, listed once
             lines.append(f"| {key} [{where}] | {_gib(value)} | - |")
     for key, value in chosen.cpu.items():
         if key not in chosen.gpu:
