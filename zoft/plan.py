@@ -287,11 +287,11 @@ class Setting:
             extra += f" ({self.storage_dtype} storage)"
         if self.gradient_checkpointing:
             extra += " + checkpointing"
-        for on, what in ((self.lora_ga, " + LoRA-GA init"), (self.lora_pro, f" + LoRA-Pro {self.lora_pro}"),
+        for on, part in ((self.lora_ga, " + LoRA-GA init"), (self.lora_pro, f" + LoRA-Pro {self.lora_pro}"),
                          (self.wta_ratio is not None, " + WTA-CRS"), (self.privacy, f" + {self.privacy}"),
                          (self.pertp, " + DistZO2 PertP")):
             if on:
-                extra += what
+                extra += part
         if self.dtype != "float32" and self.method != "qzo":
             extra += f", {self.dtype}"
         if self.zeroth_order and self.master_bytes:
