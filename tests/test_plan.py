@@ -142,7 +142,7 @@ def test_adamw_state_equals_torch_adamw_after_one_step(dtype):
     est = estimate(model_shape(LlamaConfig(**CFG)), method="adamw", dtype=dtype, batch=2, seq=16)
     # moments in the weights' dtype: HF runs AdamW on bf16 weights without an fp32 copy
     assert est.gpu["optimizer state (AdamW)"] == _state_bytes(opt)
-    assert est.train["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    assert est.step["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
 
 
 def test_lora_adamw_state_equals_torch_adamw_after_one_step():

@@ -545,11 +545,21 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
             est.train[key] = inference_activation_bytes(shape, rows, s.seq, b, logits_positions=s.logits_positions)
     else:
         layerwise = bool(s.galore and s.galore.get("layerwise"))
+        acts = stored_activation_bytes(shape, s, s.batch, s.seq)
+        est.train["activations (kept for backward)"] = acts
+        # The backward frees each layer's activations as it makes that layer's gradients: what is outside the
+        # blocks (head, final norm, a tied embedding) gets its gradient first, while every activation is
+        # still held; after that the larger of the layers' activations and their gradients counts.
+        in_blocks = trained if s.lora else shape.block_params
         if layerwise:
-            est.train["gradients (one tensor at a time)"] = largest * trained_b
+            grads = largest * trained_b
+            est.train["gradients (one tensor at a time)"] = grads
         else:
-            est.train["gradients"] = trained * trained_b
-        est.train["activations (kept for backward)"] = stored_activation_bytes(shape, s, s.batch, s.seq)
+            grads = trained * trained_b
+            layer_acts = shape.n_blocks * _stored_per_layer(shape, s, s.batch * s.seq, b)
+            est.train["gradients (outside the blocks, and beyond the freed activations)"] = (
+                (trained - in_blocks) * trained_b + max(0, in_blocks * trained_b - layer_acts)
+            )
         if s.method == "natural_galore":
             state, step_temp = _galore_state(shape, s.galore or {}, trained_b)
             est.gpu["optimizer state (Natural GaLore)"] = state
@@ -566,8 +576,9 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
             step_temp = trained * trained_b if s.cuda else largest * trained_b
         else:
             step_temp = 0
-        if step_temp:  # the optimizer step runs after the backward has freed the activations
-            est.step = {k: v for k, v in est.train.items() if k.startswith("gradients")}
+        # the optimizer step runs after the backward has freed the activations
+        est.step = {"gradients (one tensor at a time)" if layerwise else "gradients": grads}
+        if step_temp:
             est.step["optimizer step temporaries"] = step_temp
         if s.lora_ga:
             # LoRA-GA's initialization: the summed fp32 gradient of every adapted base weight, before training
@@ -834,7 +845,7 @@ def render(plan: Plan, *, device: str, gpu_free: int, cpu_free: int, cuda: bool)
                         (chosen.evaluation, "evaluation")):
         for key, value in part.items():
             if where == "optimizer step" and key in chosen.train:
-                continue  # the gradients, listed once
+                continue  # layer-wise: the same one-tensor gradient, listed once
             lines.append(f"| {key} [{where}] | {_gib(value)} | - |")
     for key, value in chosen.cpu.items():
         if key not in chosen.gpu:
