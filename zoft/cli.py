@@ -25,6 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="estimate peak GPU/CPU memory of a recipe (no weights loaded) and say if it fits")
     pl.add_argument("recipe", help="recipe YAML file")
     pl.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.per_device_train_batch_size=4")
+    pl.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU with this much memory, e.g. 80GB or 80GiB "
+                    "(default: this machine's free GPU memory)")
+    pl.add_argument("--cpu-memory", metavar="SIZE", help="plan for this much host memory, e.g. 256GB "
+                    "(default: this machine's available memory)")
+    pl.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="processes the launch starts on each machine, each holding its own copy of the model "
+                    "(default: the launcher's LOCAL_WORLD_SIZE, else 1)")
     r = sub.add_parser("replay", help="rebuild a zeroth-order run's model from its base model and trajectory")
     r.add_argument("run_dir", help="the run's output folder (has recipe.yaml and trajectory.jsonl)")
     r.add_argument("--out", required=True, help="folder for the rebuilt model")
@@ -84,9 +91,14 @@ def main(argv: list[str] | None = None) -> int:
             run.train(recipe)
             launch.finish()
         elif args.command == "plan":
-            from zoft.plan import plan_recipe
+            from zoft.plan import parse_size, plan_recipe
 
-            print(plan_recipe(config.load_recipe(args.recipe, args.overrides)))
+            gpu = None if args.gpu_memory is None else parse_size(args.gpu_memory, "--gpu-memory")
+            cpu = None if args.cpu_memory is None else parse_size(args.cpu_memory, "--cpu-memory")
+            if args.nproc_per_node is not None and args.nproc_per_node < 1:
+                raise ZoftError(f"--nproc-per-node: {args.nproc_per_node} is not a process count; use 1 or more")
+            recipe = config.load_recipe(args.recipe, args.overrides)
+            print(plan_recipe(recipe, gpu_memory=gpu, cpu_memory=cpu, processes=args.nproc_per_node))
         elif args.command == "replay":
             n = run.replay(args.run_dir, args.out)
             print(f"zoft: replayed {n} steps into {args.out}")

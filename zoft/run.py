@@ -152,14 +152,12 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
     args = training_arguments(recipe) if args is None else args
     launch.join_process_group(args)  # before the model loads: ZeRO-3 partitions it while loading
     if recipe.offload is not None:  # ZO2: the whole model must fit in CPU memory; say so before loading it
-        from zoft.plan import DTYPE_BYTES, _cpu_available, shape_of_recipe
+        from zoft.plan import _cpu_available, host_bytes_per_process
         from zoft.zo.offload import check_cpu_memory
 
-        total = shape_of_recipe(recipe).total_params
-        needed = total * DTYPE_BYTES[recipe.model.dtype]
-        # method.master_weights fp32 keeps an fp32 copy of every trained bf16/fp16 weight, in CPU memory with the
-        # blocks (the default keeps none). Adapters (peft) are small and live on the compute device.
-        masters = total * 4 if recipe.method.master_weights == "fp32" and recipe.peft is None and needed < total * 4 else 0
+        # `zoft plan`'s host accounting: the loading peak (checkpoint + converted copy) or, while training, the
+        # stored blocks plus the fp32 masters method.master_weights keeps, whichever is larger
+        needed = host_bytes_per_process(recipe)
         # Rank 0 decides for all: ranks measuring while others load would disagree, and one refusing alone
         # would leave the rest waiting in a collective.
         launch.on_main_then_share(
