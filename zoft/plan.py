@@ -38,21 +38,17 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 def _master_bytes_per_param(master_weights: str, trained_dtype_bytes: int) -> int:
     """Bytes of fp32 master copy a zeroth-order run keeps per trained parameter (``method.master_weights``).
 
-    ``fp32`` keeps an fp32 copy of every trained tensor (``ZOParameters`` copies fp32 tensors too);
-    ``none`` keeps none (updates are rounded into the stored weights). ``auto`` is the one meaning that
-    changes with the half-precision ZO work: on today's main it keeps fp32 masters of trained weights
-    stored in bf16/fp16 (``zoft/zo/perturb.py``). When zeroth-order training in half precision without
-    masters (seeded stochastic rounding) becomes the default, ``auto`` keeps none: return 0 below.
+    Only trained tensors stored in bf16/fp16 can have a master (``zoft/zo/perturb.py``): ``fp32`` keeps an
+    fp32 copy of each (4 bytes); ``auto`` (the default: fp32 update rounded back with seeded stochastic
+    rounding) and ``none`` (rounded to nearest) keep none. fp32 tensors are always updated in place.
 
     Args:
         master_weights: ``"auto"``, ``"fp32"`` or ``"none"``.
         trained_dtype_bytes: bytes per value of the trained tensors (4 for fp32, LoRA adapters and QZO scales).
     """
-    if master_weights == "fp32":
+    if master_weights == "fp32" and trained_dtype_bytes < 4:
         return 4
-    if master_weights == "none" or trained_dtype_bytes >= 4:
-        return 0
-    return 4  # "auto" on 16-bit trained weights, today's main (halfzo: 0)
+    return 0
 
 
 # ---- sizes on the command line -------------------------------------------------------------------------
