@@ -315,12 +315,19 @@ def test_offload_memory_check_counts_fp32_masters_only_when_asked_for(
         raise ZoftError("stub: the model would load here")
 
     monkeypatch.setattr("zoft.run.build_model_and_tokenizer", stub)
+    paths = {}
+    for master in ("auto", "fp32"):
+        paths[master] = tmp_path / f"{master}.yaml"
+        paths[master].write_text(yaml.safe_dump(tiny_recipe(
+            tiny_llama_dir, sentiment_csv, tmp_path / master, offload="cpu", model={"dtype": "bfloat16"},
+            method={"master_weights": master})))
+    need = {m: plan.host_bytes_per_process(load_recipe(str(p))) for m, p in paths.items()}
+    full = plan.shape_of_recipe(load_recipe(str(paths["fp32"]))).total_params
+    assert need["fp32"] >= need["auto"] + 4 * full // 2  # the fp32 copies count (at least where training peaks)
+    # the bf16 model (with its loading peak) fits, the fp32 masters on top do not
+    monkeypatch.setattr(plan, "_cpu_available", lambda: (need["auto"] + need["fp32"]) // 2)
     for master, refused in (("auto", False), ("fp32", True)):
-        path = tmp_path / f"{master}.yaml"
-        path.write_text(yaml.safe_dump(tiny_recipe(tiny_llama_dir, sentiment_csv, tmp_path / master, offload="cpu",
-                                                   model={"dtype": "bfloat16"}, method={"master_weights": master})))
-        bf16_copy = plan.shape_of_recipe(load_recipe(str(path))).total_params * 2
-        monkeypatch.setattr(plan, "_cpu_available", lambda: int(1.5 * bf16_copy))  # the bf16 model fits, +fp32 not
+        path = paths[master]
         assert main(["train", str(path)]) != 0
         err = capsys.readouterr().err.strip().splitlines()[-1]
         if refused:

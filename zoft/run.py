@@ -152,16 +152,20 @@ def build_trainer(recipe: Recipe, *, resume: bool = False, args=None):
     args = training_arguments(recipe) if args is None else args
     launch.join_process_group(args)  # before the model loads: ZeRO-3 partitions it while loading
     if recipe.offload is not None:  # ZO2: the whole model must fit in CPU memory; say so before loading it
-        from zoft.plan import _cpu_available, host_bytes_per_process
+        from zoft.plan import _cpu_available, host_bytes_per_process, shape_of_recipe
         from zoft.zo.offload import check_cpu_memory
 
         # `zoft plan`'s host accounting: the loading peak (checkpoint + converted copy) or, while training, the
         # stored blocks plus the fp32 masters method.master_weights keeps, whichever is larger
         needed = host_bytes_per_process(recipe)
+        # The part of it that is fp32 masters (method.master_weights: fp32 on 16-bit weights), named in the refusal.
+        masters = 0
+        if recipe.method.master_weights == "fp32" and recipe.peft is None and recipe.model.dtype != "float32":
+            masters = min(needed, shape_of_recipe(recipe).total_params * 4)
         # Rank 0 decides for all: ranks measuring while others load would disagree, and one refusing alone
         # would leave the rest waiting in a collective.
         launch.on_main_then_share(
-            lambda: check_cpu_memory(needed, _cpu_available(), processes=launch.local_world_size(), masters_bytes=masters)
+            lambda: check_cpu_memory(needed - masters, _cpu_available(), processes=launch.local_world_size(), masters_bytes=masters)
         )
     tokenizer = data = None
     if _uses_lora_ga(recipe):  # issue 5: LoRA-GA's init needs training batches before the model is wrapped
