@@ -506,13 +506,22 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
     if zo:
         per = s.master_bytes
         if per:
+            # MeZOOptimizer.state_dict() clones the masters, and accelerate prepares the optimizer through it
+            # (and every checkpoint saves through it): one more copy, before any activation exists
+            copy = "fp32 masters' copy (optimizer state_dict: start of training, checkpoints)"
             if s.offload:  # masters are made where the weights are stored: blocks' on the host
                 in_blocks = trained if s.lora else shape.block_params
                 est.cpu["fp32 masters (blocks)"] = in_blocks * per
+                est.cpu[copy] = in_blocks * per
+                # on CUDA accelerate moves that state_dict to the device before loading it back
+                on_device = trained * per if s.cuda else (trained - in_blocks) * per
                 if trained - in_blocks:
                     est.gpu["fp32 masters"] = (trained - in_blocks) * per
+                if on_device:
+                    est.step[copy] = on_device
             else:
                 est.gpu["fp32 masters"] = trained * per
+                est.step[copy] = trained * per
 
     # -- a training step
     eval_positions = s.logits_positions
@@ -586,6 +595,18 @@ def estimate(shape: ModelShape, setting: Setting | None = None, **kwargs) -> Est
 
     # -- host memory while loading: from_pretrained maps the checkpoint; a dtype change holds a converted copy
     ckpt_b = DTYPE_BYTES[shape.checkpoint_dtype]
+    if not s.cuda and ckpt_b == b:
+        # Weights zoft converts after loading (16-bit block storage, NF4) leave their pages of the mapped
+        # checkpoint resident while the tensors that still use the mapping (embeddings, norms) keep it open:
+        # page cache the kernel may reclaim, but counted in the process's RSS. On CUDA the model leaves the
+        # host and the mapping is closed.
+        converted = 0
+        if s.offload and s.storage_dtype and DTYPE_BYTES[s.storage_dtype] != b:
+            converted = shape.block_params
+        elif s.method == "qzo":
+            converted = sum(shape.nf4_linear_weights)
+        if converted:
+            est.gpu["checkpoint pages of converted weights (mapped, reclaimable)"] = converted * ckpt_b
     est.loading["checkpoint (mapped while loading)"] = shape.total_params * ckpt_b
     if ckpt_b != b:
         est.loading[f"weights converted to {s.dtype}"] = shape.total_params * b
