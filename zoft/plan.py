@@ -283,6 +283,8 @@ class Setting:
             extra += f" ({self.storage_dtype} storage)"
         if self.gradient_checkpointing:
             extra += " + checkpointing"
+        if self.galore and self.galore.get("layerwise"):
+            extra += " + layerwise"
         for on, part in ((self.lora_ga, " + LoRA-GA init"), (self.lora_pro, f" + LoRA-Pro {self.lora_pro}"),
                          (self.wta_ratio is not None, " + WTA-CRS"), (self.privacy, f" + {self.privacy}"),
                          (self.pertp, " + DistZO2 PertP")):
