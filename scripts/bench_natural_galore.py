@@ -211,7 +211,9 @@ def main() -> None:
             print(f"{name} failed:\n{out.stderr[-3000:]}", file=sys.stderr)
             continue
         results.append(json.loads(line[len("RESULT ") :]))
-        print(f"  {name}: done in {time.time() - t0:.0f} s", flush=True)
+        r = results[-1]
+        print(f"  {name}: done in {time.time() - t0:.0f} s; loss step 1 {r['first_loss']:.3f}, step N "
+              f"{r['last_loss']:.3f}, held-out {r['held_out_loss']:.3f}", flush=True)
 
     base = next((r for r in results if r["name"] == "adamw"), None)
 
