@@ -70,7 +70,14 @@ def worker(args) -> None:
         if cuda:
             torch.cuda.set_device(dist.get_rank())
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    model = AutoModelForCausalLM.from_pretrained(assets.model_asset_path("smollm2-135m")).eval()
+    if args.model == "tiny":  # structure only: the exact counts, in seconds (philox on CPU is slow at 135M)
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(assets.model_asset_path("smollm2-135m")).eval()
     if "bf16model" in args.config:
         model.to(torch.bfloat16)
     offloader = None
@@ -154,7 +161,7 @@ def run_config(name, args, nproc=1, pp=1):
     if torch.cuda.is_available() and nproc > torch.cuda.device_count():
         return f"skipped: needs {nproc} GPUs, {torch.cuda.device_count()} visible"
     out = f"/tmp/bench_zo2_{os.getpid()}_{name.replace(' ', '_')}"
-    base = [__file__, "--worker", "--config", name, "--pp", str(pp), "--z-generator", args.z_generator,
+    base = [__file__, "--worker", "--config", name, "--pp", str(pp), "--z-generator", args.z_generator, "--model", args.model,
             "--out", out, "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -179,6 +186,8 @@ def main() -> None:
     p.add_argument("--skip-ranks", action="store_true", help="only in-memory vs offload")
     p.add_argument("--z-generator", default="auto", choices=["auto", "torch", "philox"],
                    help="philox on CPU runs the plain-torch Philox reference (slow) to count the fused passes")
+    p.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "tiny"],
+                   help="tiny: a 4-block random Llama, for the exact counts only (pair with --z-generator philox on CPU)")
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -186,7 +195,8 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"command: {' '.join(sys.argv)}\ndevice: {device}; torch {torch.__version__}; "
-          f"SmolLM2-135M (fp32 unless the row says bf16), global batch {args.batch} x {args.seq} tokens, {args.steps} timed "
+          f"{'SmolLM2-135M' if args.model != 'tiny' else 'a tiny 4-block Llama (counts only)'} (fp32 unless the row "
+          f"says bf16), global batch {args.batch} x {args.seq} tokens, {args.steps} timed "
           "MeZO steps\n")
     rows = [("MeZO in memory", run_config("plain", args))]
     rows.append(("MeZO in memory, paired forward", run_config("plain-paired", args)))

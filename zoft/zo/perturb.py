@@ -554,7 +554,7 @@ class ZOParameters:
         # torch.randn on CPU runs on one core: a worker thread draws the next tensor's z while this thread
         # applies the current one (the fp32 arithmetic and, for bf16/fp16, the rounding), so the update costs
         # about its z draws alone. The numbers do not change: each z has its own generator.
-        use = self.z_generator == "torch" and self.device.type == "cpu" and len(order) > 1 and torch.get_num_threads() > 1
+        use = self.z_generator == "torch" and self.device.type == "cpu" and len(order) > 2 and torch.get_num_threads() > 1
         if not use or self._prefetch is not None:
             yield
             return
