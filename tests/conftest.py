@@ -166,3 +166,11 @@ def train_until_killed(recipe, at_step):
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     return trainer
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM) in MiB; skips the test where /proc is missing."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    pytest.skip("needs /proc/self/status (Linux)")

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import peak_rss_mib
 from datasets import Dataset
 from torch.autograd.graph import saved_tensors_hooks
 from transformers import TrainerCallback, set_seed
@@ -295,11 +296,6 @@ class Timeline(TrainerCallback):
             self.logs.append(time.perf_counter())
 
 
-def _peak_mib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    pytest.skip("needs /proc/self/status (Linux)")
 
 
 @pytest.mark.parametrize("client", CLIENTS)
@@ -309,9 +305,9 @@ def test_metrics_tokens_per_second_match_the_clients_own_token_count(client, tin
     # non-padding tokens itself when asked.
     extra = {} if client == "sft" else {"include_num_input_tokens_seen": "non_padding"}
     trainer = _client(client, tiny_llama_dir, tmp_path, [ZoftCallback(), timeline], logging_steps=1, **extra)
-    peak_before = _peak_mib()
+    peak_before = peak_rss_mib()
     trainer.train()
-    peak_after = _peak_mib()
+    peak_after = peak_rss_mib()
     logs = _training_logs(trainer)
     assert len(logs) == 2 == len(timeline.logs)
     count = "num_tokens" if client == "sft" else "num_input_tokens_seen"

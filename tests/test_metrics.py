@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_recipe
+from conftest import peak_rss_mib, tiny_recipe
 from transformers import TrainerCallback
 
 from zoft import run
@@ -76,11 +76,6 @@ def _lora_model(model_dir):
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
 
 
-def _peak_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    pytest.skip("needs /proc/self/status (Linux)")
 
 
 def _events(out: Path):
@@ -108,7 +103,7 @@ def test_tokens_per_second_and_peak_memory_are_the_measured_ones(path, tiny_llam
 
     spike = torch.ones(64 * 2**20)  # 256 MiB touched and freed: the process high-water mark is above it now
     del spike
-    peak_before = _peak_kib() / 1024
+    peak_before = peak_rss_mib()
     collator, times = RecordingCollator(sleep=SLEEP), LogTimes()
     common = dict(model=_lora_model(tiny_llama_dir), train_dataset=_rows(), data_collator=collator)
     if path == "callback":
@@ -116,7 +111,7 @@ def test_tokens_per_second_and_peak_memory_are_the_measured_ones(path, tiny_llam
     else:
         trainer = ZoftTrainer(args=_args(tmp_path, max_grad_norm=0.0), zo=MeZOConfig(), callbacks=[times], **common)
     trainer.train()
-    peak_after = _peak_kib() / 1024
+    peak_after = peak_rss_mib()
 
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 3 and len(times.logs) == 3
